@@ -1,0 +1,233 @@
+"""Channel analysis: channel spaces, layouts and coupled groups over the student graph.
+
+One walk over the traced graph applies each node's channel rule (``gpdc.rules``). Producers (conv,
+linear) open new spaces; ops that force equal channels (residual add, SE gating, depthwise conv)
+couple spaces into one group that must widen with one channel map. Couplings are kept as a
+networkx graph so an error can name the nodes that tie two layers together. Spaces that reach the
+model output (the logits) or that meet an unwidened tensor channel-for-channel are pinned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import torch.fx as fx
+
+from .errors import CouplingError, RuleError
+from .layout import Layout, SplitLayout
+from .rules.registry import find_rule
+
+
+@dataclass
+class Space:
+    width: int
+    origin: str  # node that opened it
+    pinned: str | None = None  # why it never widens
+    quantum: int = 1  # grouped convs replicate whole groups of this many channels
+
+
+@dataclass
+class Group:
+    """A coupled channel group: spaces that widen together with one channel map."""
+
+    id: int
+    spaces: list[int]
+    width: int
+    layers: list[str]  # modules whose output channels are exactly this group's
+    pinned: str | None
+    quantum: int
+    couplings: list[str] = field(default_factory=list)  # node names that coupled its spaces
+    # filled by the plan:
+    teacher_width: int | None = None
+    ratio: float | None = None
+    rule: str | None = None
+
+    def summary(self) -> dict:
+        return {
+            "group": self.id,
+            "layers": self.layers,
+            "C": self.width,
+            "C_teacher": self.teacher_width,
+            "ratio": self.ratio,
+            "rule": self.rule,
+            "pinned": self.pinned,
+            "quantum": self.quantum,
+            "coupled_by": self.couplings,
+        }
+
+
+def node_label(node: fx.Node) -> str:
+    scope = node.meta.get("gpdc.scope", "")
+    return f"'{node.name}'" + (f" (in '{scope}')" if scope and scope != node.target else "")
+
+
+class ChannelAnalysis:
+    """Layouts of every node's output and the coupled channel groups of the student graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.spaces: list[Space] = []
+        self.parent: list[int] = []
+        self.coupling = nx.Graph()
+        self.layouts: dict[fx.Node, object] = {}
+        self.info: dict[fx.Node, object] = {}  # rule-specific facts the expand pass reuses
+        self.rules: dict[fx.Node, object] = {}
+        self._run()
+
+    # -- spaces -----------------------------------------------------------------------------
+    def new_space(self, width: int, origin: fx.Node, pinned: str | None = None) -> int:
+        self.spaces.append(Space(width, origin.name, pinned))
+        self.parent.append(len(self.parent))
+        self.coupling.add_node(len(self.spaces) - 1)
+        return len(self.spaces) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def pinned_layout(self, node: fx.Node, dim: int, width: int, reason: str) -> Layout:
+        return Layout.of_space(dim, self.new_space(width, node, reason), width)
+
+    def pin(self, layout: Layout, reason: str) -> None:
+        for s in layout.spaces():
+            sp = self.spaces[s]
+            sp.pinned = sp.pinned or reason
+
+    def set_quantum(self, layout: Layout, q: int) -> None:
+        for s in layout.spaces():
+            self.spaces[s].quantum = math.lcm(self.spaces[s].quantum, q)
+
+    def couple(self, a: Layout, b: Layout, node: fx.Node) -> None:
+        """Channels at equal positions of ``a`` and ``b`` must be the same channel."""
+        if a.width != b.width or not np.array_equal(a.index, b.index) or not np.array_equal(a.sub, b.sub):
+            raise CouplingError(
+                f"node {node_label(node)} combines two tensors channel by channel whose channels are "
+                f"arranged differently ({a.width} vs {b.width} channels, or a permuted/concatenated order), "
+                "so no single channel map can widen both. Register a channel rule for this op "
+                "(gpdc.register_function_rule) or keep these layers at ratio 1."
+            )
+        for sa, sb in set(zip(a.space.tolist(), b.space.tolist())):
+            if sa != sb:
+                self.coupling.add_edge(sa, sb, node=node.name)
+                ra, rb = self.find(sa), self.find(sb)
+                if ra != rb:
+                    self.parent[rb] = ra
+
+    # -- walk -------------------------------------------------------------------------------
+    def layout_of(self, arg):
+        if isinstance(arg, fx.Node):
+            return self.layouts.get(arg)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.layout_of(a) for a in arg)
+        return None
+
+    def module(self, node: fx.Node):
+        return self.modules[node.target] if node.op == "call_module" else None
+
+    def _run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.layouts[node] = None
+                continue
+            if node.op == "output":
+                for lay in _flatten_layouts(self.layout_of(node.args[0])):
+                    if isinstance(lay, SplitLayout):
+                        raise RuleError(f"the model output is a tensor whose channel dim is split by a reshape; gpdc cannot widen it.")
+                    self.pin(lay, "reaches the model output (logits never widen)")
+                continue
+            rule = find_rule(node, self)
+            inputs = [a for a in _flatten_layouts(self.layout_of((node.args, node.kwargs))) if a is not None]
+            produces_tensor = node.meta.get("gpdc.shape") is not None
+            if rule is None or not (inputs or rule.opens_space):
+                if rule is None and inputs and produces_tensor:
+                    raise RuleError(_no_rule_message(node, self))
+                self.layouts[node] = None
+                continue
+            self.rules[node] = rule
+            self.layouts[node] = rule.analyze(node, self)
+        self._check_splits_consumed()
+
+    def _check_splits_consumed(self) -> None:
+        for node, lay in self.layouts.items():
+            if isinstance(lay, SplitLayout):
+                for user in node.users:
+                    if not getattr(self.rules.get(user), "accepts_split", False):
+                        raise RuleError(
+                            f"node {node_label(node)} spreads the channel dim over several dims "
+                            f"(a reshape such as a channel shuffle) and {node_label(user)} consumes it before it is "
+                            "merged back; gpdc only follows such reshapes through other reshapes/transposes."
+                        )
+
+    # -- groups -----------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        by_root: dict[int, list[int]] = {}
+        for s in range(len(self.spaces)):
+            by_root.setdefault(self.find(s), []).append(s)
+        layer_of: dict[int, list[str]] = {}
+        for node, lay in self.layouts.items():
+            if node.op == "call_module" and isinstance(lay, Layout) and lay.width:
+                roots = {self.find(s) for s in lay.spaces()}
+                if len(roots) == 1:
+                    layer_of.setdefault(roots.pop(), []).append(node.target)
+        groups = []
+        for root, members in sorted(by_root.items()):
+            sp = [self.spaces[s] for s in members]
+            pinned = next((s.pinned for s in sp if s.pinned), None)
+            quantum = math.lcm(*(s.quantum for s in sp))
+            width = sp[0].width
+            if width % quantum:
+                quantum = 1
+            edges = self.coupling.subgraph(members).edges(data="node")
+            groups.append(
+                Group(
+                    id=len(groups),
+                    spaces=members,
+                    width=width,
+                    layers=layer_of.get(root, []),
+                    pinned=pinned,
+                    quantum=quantum,
+                    couplings=sorted({n for _, _, n in edges}),
+                )
+            )
+        return groups
+
+    def coupling_path(self, a: int, b: int) -> list[str]:
+        """Names of the nodes that couple spaces ``a`` and ``b``."""
+        path = nx.shortest_path(self.coupling, a, b)
+        return [self.coupling.edges[u, v]["node"] for u, v in zip(path, path[1:])]
+
+
+def _flatten_layouts(v):
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _flatten_layouts(x)
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _flatten_layouts(x)
+    else:
+        yield v
+
+
+def _no_rule_message(node: fx.Node, an: ChannelAnalysis) -> str:
+    if node.op == "call_module":
+        what = f"module '{node.target}' of type {type(an.module(node)).__name__}"
+        how = f"gpdc.register_module_rule({type(an.module(node)).__name__}, rule)"
+    elif node.op == "call_method":
+        what = f"method call '.{node.target}()'"
+        how = f"gpdc.register_method_rule('{node.target}', rule)"
+    else:
+        what = f"{node.op} '{getattr(node.target, '__name__', node.target)}'"
+        how = "gpdc.register_function_rule(fn, rule)"
+    src = (node.stack_trace or "").strip().splitlines()
+    line = f" Source: {src[-2].strip()} {src[-1].strip()}" if len(src) >= 2 else ""
+    return (
+        f"no channel rule for node {node_label(node)}: {what} receives widened channels and gpdc does not "
+        f"know how it treats the channel dimension.{line} Register a rule with {how}, or, if the op "
+        "does not touch channels, register it as elementwise with gpdc.rules.register_elementwise(...)."
+    )

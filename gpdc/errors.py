@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad spec, an untraceable model, an op without a rule) is a
+``GpdcError``: the CLI prints its one-paragraph message and exits with code 2, no traceback.
+Anything else escaping the compiler is a bug in gpdc.
+"""
+
+
+class GpdcError(Exception):
+    """Bad input: the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class SpecError(GpdcError):
+    """The YAML/dict spec is invalid, or does not fit the model."""
+
+
+class TraceError(GpdcError):
+    """torch.fx could not trace the model."""
+
+
+class RuleError(GpdcError):
+    """A graph node has no channel rule, or its rule cannot handle it."""
+
+
+class CouplingError(GpdcError):
+    """Two coupled channel spaces cannot be widened consistently."""

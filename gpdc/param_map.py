@@ -1,0 +1,69 @@
+"""The ParamMap: how every student parameter is read out of the teacher's parameters.
+
+For each student parameter: the teacher tensor, an index set per dim and a per-index scale per
+dim. Reading it is the CBR channel extraction (METHOD.md §2, last paragraph); it is differentiable,
+so a loss on the student sends gradients into the shared teacher tensors. It is the single source
+of truth for the shared student, for fold and for checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ParamSource:
+    teacher: str
+    index: dict[int, torch.Tensor] = field(default_factory=dict)
+    scale: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        for d, idx in self.index.items():
+            if idx.device != t.device:
+                self.index[d] = idx = idx.to(t.device)
+            t = t.index_select(d, idx)
+        for d, s in self.scale.items():
+            if s.device != t.device or s.dtype != t.dtype:
+                self.scale[d] = s = s.to(device=t.device, dtype=t.dtype)
+            shape = [1] * t.dim()
+            shape[d] = -1
+            t = t * s.view(shape)
+        return t
+
+    def describe(self) -> str:
+        parts = [f"{self.teacher}"]
+        for d, idx in self.index.items():
+            parts.append(f"dim{d}[{len(idx)} of teacher]")
+        for d in self.scale:
+            parts.append(f"scale dim{d}")
+        return " ".join(parts)
+
+
+class ParamMap:
+    def __init__(self):
+        self.sources: dict[str, ParamSource] = {}
+
+    def add(self, student_name: str, teacher_name: str, index=None, scale=None) -> None:
+        def tensors(d, dtype):
+            out = {}
+            for k, v in (d or {}).items():
+                v = np.asarray(v)
+                if dtype is not torch.int64 and np.all(v == 1):
+                    continue
+                out[k] = torch.as_tensor(v, dtype=dtype)
+            return out
+
+        self.sources[student_name] = ParamSource(teacher_name, tensors(index, torch.int64), tensors(scale, torch.float32))
+
+    def read(self, name: str, teacher_params: dict[str, torch.Tensor]) -> torch.Tensor:
+        src = self.sources[name]
+        return src.read(teacher_params[src.teacher])
+
+    def read_all(self, teacher_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: src.read(teacher_params[src.teacher]) for name, src in self.sources.items()}
+
+    def __len__(self) -> int:
+        return len(self.sources)

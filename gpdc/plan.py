@@ -1,0 +1,116 @@
+"""The expansion plan: each coupled group's teacher width and channel map.
+
+Widths round as ``C' = q * round_half_up(C/q * r)``, where q is the group's quantum (1, or the
+channels per group of the grouped convs that read or write it, so grouped convs keep whole
+groups). A ratio close to 1 on a tiny group may round to C' = C (no widening).
+
+The channel map: teacher channel j copies student channel ``src[j]``; the first C teacher
+channels are the student's own, in order, and the extra channels (whole quantum blocks) cycle
+over the student's channels, so multiplicities differ by at most one block (METHOD.md §2).
+``copy[j]`` is 0 for the first copy, 1 for the second, ...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analyze import ChannelAnalysis, Group
+from .errors import SpecError
+from .spec import Spec, match_layer
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    src: np.ndarray  # int64 [C']
+    copy: np.ndarray  # int64 [C']
+
+    @property
+    def width(self) -> int:
+        return len(self.src)
+
+    @property
+    def multiplicity(self) -> np.ndarray:
+        return np.bincount(self.src)
+
+    @staticmethod
+    def build(width: int, teacher_width: int, quantum: int = 1) -> "ChannelMap":
+        blocks, tblocks = width // quantum, teacher_width // quantum
+        src_block = np.concatenate([np.arange(blocks), np.arange(tblocks - blocks) % max(blocks, 1)]).astype(np.int64)
+        copy_block = np.concatenate([np.zeros(blocks, np.int64), np.arange(tblocks - blocks) // max(blocks, 1) + 1])
+        lane = np.arange(quantum, dtype=np.int64)
+        return ChannelMap(
+            (src_block[:, None] * quantum + lane).reshape(-1),
+            np.repeat(copy_block, quantum).astype(np.int64),
+        )
+
+
+def teacher_width(width: int, ratio: float, quantum: int) -> int:
+    blocks = width // quantum
+    return quantum * max(blocks, math.floor(blocks * ratio + 0.5))
+
+
+@dataclass
+class ExpansionPlan:
+    groups: list[Group]
+    maps: dict[int, ChannelMap]  # group id -> channel map
+    group_of_root: dict[int, int]  # union-find root space -> group id
+    strategy: str
+
+
+def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
+    rules = spec.expand.layers
+    groups = an.groups()
+    all_layers = [n.target for n in an.gm.graph.nodes if n.op == "call_module"]
+    for key in rules:
+        if not any(match_layer(name, {key: rules[key]}) for name in all_layers):
+            close = [n for n in all_layers if key.split(".")[0] in n][:3]
+            raise SpecError(
+                f"expand.layers: the pattern '{key}' matches no layer of the model. Layer names are module "
+                f"paths such as {', '.join(repr(n) for n in (close or all_layers[:3]))}; check the spelling or use a glob like 'layer4.*'."
+            )
+    maps, group_of_root = {}, {}
+    for g in groups:
+        for s in g.spaces:
+            group_of_root[an.find(s)] = g.id
+        matched = [(name, match_layer(name, rules)) for name in g.layers]
+        matched = [(name, m) for name, m in matched if m is not None]
+        if g.pinned:
+            exact = [(n, m) for n, m in matched if m[0] == "exact" and m[2] > 1]
+            if exact:
+                raise SpecError(
+                    f"expand.layers: '{exact[0][0]}' cannot widen: its output channels {g.pinned}. "
+                    "Remove this key (the logits and the data input keep their width)."
+                )
+            g.ratio, g.rule, g.teacher_width = 1.0, f"pinned: {g.pinned}", g.width
+        elif matched:
+            level = "exact" if any(m[0] == "exact" for _, m in matched) else "glob"
+            top = [(n, m) for n, m in matched if m[0] == level]
+            for n2, m2 in top[1:]:
+                if m2[2] != top[0][1][2]:
+                    n1, m1 = top[0]
+                    path = _path_between(an, g, n1, n2)
+                    raise SpecError(
+                        f"expand.layers: ratios conflict inside one coupled channel group: '{n1}' gets {m1[2]} from "
+                        f"'{m1[1]}' but '{n2}' gets {m2[2]} from '{m2[1]}', and their output channels are tied "
+                        f"together by {path}. Give both the same ratio (coupled channels widen with one map)."
+                    )
+            g.ratio = top[0][1][2]
+            g.rule = f"{level} '{top[0][1][1]}'"
+        else:
+            g.ratio, g.rule = spec.expand.ratio, "default expand.ratio"
+        if g.teacher_width is None:
+            g.teacher_width = teacher_width(g.width, g.ratio, g.quantum)
+        maps[g.id] = ChannelMap.build(g.width, g.teacher_width, g.quantum)
+    return ExpansionPlan(groups, maps, group_of_root, spec.expand.strategy)
+
+
+def _path_between(an: ChannelAnalysis, g: Group, layer1: str, layer2: str) -> str:
+    def space_of(layer):
+        node = next(n for n in an.gm.graph.nodes if n.op == "call_module" and n.target == layer)
+        return int(an.layouts[node].space[0])
+
+    names = an.coupling_path(space_of(layer1), space_of(layer2))
+    return ", ".join(f"node '{n}'" for n in names) if names else "the same channels"

@@ -1,0 +1,175 @@
+"""Rules for ops that act on each channel alike: activations, dropout, pooling, resizing, and
+elementwise binary ops (residual add, squeeze-excite gating).
+
+Because every teacher copy of a channel carries the student's value, any such op is exact on the
+teacher unchanged: no wrapper is needed even for non-homogeneous functions (SiLU, Hardswish,
+sigmoid gates). Binary ops couple the channel spaces of their inputs.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from ..errors import RuleError
+from ..layout import Layout
+from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
+
+
+class ChannelwiseRule(Rule):
+    """Unary ops applied to every channel alike (first argument carries the channels).
+
+    ``spatial_only`` ops (pooling, resizing) additionally need the channels in dim 1."""
+
+    def __init__(self, spatial_only: bool = False):
+        self.spatial_only = spatial_only
+
+    def analyze(self, node: fx.Node, an):
+        L = an.layout_of(node.args[0]) if node.args else None
+        if not isinstance(L, Layout):
+            raise RuleError(f"node '{node.name}' ({node.target}) receives a channel dim split across dims.")
+        if self.spatial_only and L.dim != 1:
+            raise RuleError(f"node '{node.name}' pools/resizes spatial dims but its channels are in dim {L.dim}, not 1.")
+        return L
+
+    def expand(self, node: fx.Node, ex) -> None:
+        if node.op == "call_module":
+            m = ex.an.module(node)
+            new = ex.clone(m)
+            ex.emit_module(node, new, *[ex.arg(a) for a in node.args], layout=ex.tl[node.args[0]], kwargs=ex.arg(node.kwargs))
+            ex.share_unchanged(node.target, m)
+        else:
+            ex.emit_copy(node, ex.tl[node.args[0]])
+
+
+class BinaryRule(Rule):
+    """Elementwise ops of several tensors: inputs that carry channels are coupled.
+
+    An unwidened tensor that meets widened channels channel-for-channel (not by broadcasting)
+    pins the group: it cannot be widened."""
+
+    def analyze(self, node: fx.Node, an):
+        args = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+        lays = [(a, an.layout_of(a)) for a in args if a.meta.get("gpdc.shape") is not None]
+        carried = [(a, L) for a, L in lays if L is not None]
+        if any(not isinstance(L, Layout) for _, L in carried):
+            raise RuleError(f"node {node.name} combines a tensor whose channel dim is split across dims.")
+        out_shape = node.meta["gpdc.shape"]
+        ref = carried[0][1]
+        nd = len(out_shape)
+        first = None
+        for a, L in lays:
+            shape = a.meta["gpdc.shape"]
+            offset = nd - len(shape)
+            if L is None:
+                d = ref.dim - (len(carried[0][0].meta["gpdc.shape"]) - len(shape))
+                if d >= 0 and shape[d] == ref.width and ref.width > 1:
+                    L = an.pinned_layout(node, d, ref.width, f"meets the unwidened tensor '{a.name}' channel for channel")
+                else:
+                    continue
+            out_dim = L.dim + offset
+            if shape[L.dim] == 1 and out_shape[out_dim] > 1:
+                continue  # broadcast along the channel dim: nothing to couple
+            L = L.with_dim(out_dim)
+            if first is None:
+                first = L
+            else:
+                if first.dim != L.dim:
+                    raise RuleError(f"node {node.name} combines tensors whose channels sit in different dims ({first.dim}, {L.dim}).")
+                an.couple(first, L, node)
+        an.info[node] = {"out": first}
+        return first
+
+    def expand(self, node: fx.Node, ex) -> None:
+        first = ex.an.info[node]["out"]
+        args = list(node.args)
+        TO = None
+        new_args = []
+        for a in args:
+            na = ex.arg(a)
+            T = ex.tl.get(a) if isinstance(a, fx.Node) else None
+            if T is not None and not isinstance(T, tuple):
+                if TO is None:
+                    TO = T
+                elif not (vars_equal(T, TO)):
+                    na = ex.index_select(node, na, T.dim, _align(T, TO))
+            new_args.append(na)
+        if TO is not None:
+            TO = TO.take(slice(None), dim=first.dim)
+        ex.emit_copy(node, TO, args=tuple(new_args))
+
+
+def vars_equal(a, b) -> bool:
+    import numpy as np
+
+    return a.dim == b.dim and np.array_equal(a.keys, b.keys) and np.array_equal(a.copy, b.copy)
+
+
+def _align(T, TO):
+    """Positions in T that hold TO's (key, copy) pairs, so that T[positions] lines up with TO."""
+    import numpy as np
+
+    lookup = {(k, c): i for i, (k, c) in enumerate(zip(T.keys.tolist(), T.copy.tolist()))}
+    try:
+        return np.array([lookup[(k, c)] for k, c in zip(TO.keys.tolist(), TO.copy.tolist())], dtype=np.int64)
+    except KeyError:
+        raise RuleError("two coupled teacher tensors hold different copies of their channels; cannot align them.") from None
+
+
+_UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Identity, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Threshold, nn.LogSigmoid, nn.Tanhshrink,
+    torchvision.ops.StochasticDepth,
+)
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt, torch.clamp,
+    torch.clip, torch.neg, operator.neg, torchvision.ops.stochastic_depth,
+)
+_SPATIAL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad,
+)
+_UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "exp", "abs", "sqrt",
+    "neg", "float", "to", "type_as", "clone", "detach",
+)
+_BINARY_FUNCTIONS = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+)
+_BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum")
+
+
+def register_elementwise(*targets, spatial_only: bool = False) -> None:
+    """Declare modules types, functions or method names that act on each channel alike."""
+    rule = ChannelwiseRule(spatial_only)
+    for t in targets:
+        if isinstance(t, str):
+            register_method_rule(t, rule)
+        elif isinstance(t, type):
+            register_module_rule(t, rule)
+        else:
+            register_function_rule(t, rule)
+
+
+register_elementwise(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
+register_elementwise(*_SPATIAL_MODULES, *_SPATIAL_FUNCTIONS, spatial_only=True)
+for _fn in _BINARY_FUNCTIONS:
+    register_function_rule(_fn, BinaryRule())
+for _m in _BINARY_METHODS:
+    register_method_rule(_m, BinaryRule())

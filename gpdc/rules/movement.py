@@ -1,0 +1,268 @@
+"""Rules for ops that move channels around: reshape/view/flatten, transpose/permute, slicing,
+chunk/split, concatenation, and reductions.
+
+The student's layout after a reshape is found by running the op itself on a *tag tensor* whose
+entries name their source channel and spatial position, so flatten-after-pooling, channel
+shuffles (view → transpose → view) and slices need no per-model code. In the teacher:
+
+* order-preserving moves (flatten, squeeze, transpose, spatial slicing) run unchanged, with any
+  literal channel size in a view/reshape replaced by the teacher's;
+* reorderings and channel subsets (slices, chunk/split, shuffles) become one ``index_select``
+  (by index sets, not prefixes) from the tensor where the rearrangement started.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..errors import RuleError
+from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
+from .registry import Rule, register_function_rule, register_method_rule
+
+
+def _value(a, src, tags):
+    if isinstance(a, fx.Node):
+        return tags if a is src else a.meta.get("gpdc.value")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_value(x, src, tags) for x in a)
+    if isinstance(a, dict):
+        return {k: _value(v, src, tags) for k, v in a.items()}
+    return a
+
+
+def _call(node: fx.Node, args, kwargs):
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+class MoveRule(Rule):
+    accepts_split = True
+
+    def analyze(self, node: fx.Node, an):
+        src = node.args[0]
+        L = an.layout_of(src)
+        if isinstance(L, tuple):  # getitem on the result of chunk/split
+            an.info[node] = {"kind": "item"}
+            return L[node.args[1]]
+        if isinstance(L, Layout):
+            tags, stride = encode_tags(L, src.meta["gpdc.shape"])
+            source_node, source = src, L
+        else:
+            tags, stride, source_node, source = L.tags, L.stride, L.source_node, L.source
+        out = _call(node, _value(node.args, src, tags), _value(node.kwargs, src, tags))
+        parts = list(out) if isinstance(out, (list, tuple)) else [out]
+        if any(not isinstance(t, torch.Tensor) for t in parts):
+            an.info[node] = {"kind": "value"}
+            return None
+        lays, kinds = [], []
+        for t in parts:
+            dec = decode_tags(t, stride)
+            if dec is None:
+                lays.append(SplitLayout(source_node, source, stride, t))
+                kinds.append("split")
+                continue
+            d, pos, sub = dec
+            new_sub = source.sub[pos] * stride + sub if sub is not None else source.sub[pos]
+            lays.append(source.take(pos, dim=d, sub=new_sub))
+            kinds.append(self._classify(source_node is src, source, pos, sub))
+        if "split" in kinds:
+            if len(parts) > 1:
+                raise RuleError(f"node '{node.name}' splits the channel dim over several dims and several outputs.")
+            an.info[node] = {"kind": "split"}
+            return lays[0]
+        if all(k[0] == "natural" for k in kinds):
+            an.info[node] = {"kind": "natural", "repeat": [k[1] for k in kinds], "sub": [k[2] for k in kinds]}
+        else:
+            for lay in lays:
+                if lay.dim != source.dim or np.any(lay.sub != source.sub[0]) and np.any(source.sub):
+                    raise RuleError(
+                        f"node '{node.name}' rearranges channels together with other dims in a way gpdc cannot "
+                        "express as one channel selection; reshape channels and spatial dims in separate steps."
+                    )
+            an.info[node] = {"kind": "select", "source": source_node, "parts": lays, "tuple": isinstance(out, (list, tuple))}
+        return tuple(lays) if isinstance(out, (list, tuple)) else lays[0]
+
+    @staticmethod
+    def _classify(same_source, source, pos, sub):
+        C = source.width
+        if not same_source or len(pos) % max(C, 1):
+            return ("select",)
+        k = len(pos) // C
+        if not np.array_equal(pos, np.repeat(np.arange(C), k)):
+            return ("select",)
+        if sub is None:
+            return ("natural", k, np.zeros(k, np.int64))
+        rows = sub.reshape(C, k)
+        if not (rows == rows[0]).all():
+            return ("select",)
+        return ("natural", k, rows[0])
+
+    def expand(self, node: fx.Node, ex) -> None:
+        info = ex.an.info[node]
+        kind = info["kind"]
+        if kind == "item":
+            ex.emit_copy(node, ex.tl[node.args[0]][node.args[1]])
+        elif kind == "value":
+            ex.emit_copy(node, None)
+        elif kind == "split":
+            ex.env[node] = None  # not emitted: the merge that follows selects from the source
+            ex.tl[node] = None
+        elif kind == "natural":
+            TI = ex.tl[node.args[0]]
+            outs = []
+            lays = ex.an.layouts[node]
+            lays = list(lays) if isinstance(lays, tuple) else [lays]
+            for lay, k, s in zip(lays, info["repeat"], info["sub"]):
+                stride = lay_stride(ex, node)
+                outs.append(TI.take(np.repeat(np.arange(TI.width), k), dim=lay.dim,
+                                    sub=np.repeat(TI.sub, k) * stride + np.tile(s, TI.width),
+                                    keys=None))
+            outs = [ex.rekey(o) for o in outs]
+            args = _patch_shape(node, outs[0], ex) if node.target in ("view", "reshape") or node.target is torch.reshape else None
+            ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.an.layouts[node], tuple) else outs[0], args=args)
+        else:
+            source = info["source"]
+            TS = ex.tl[source]
+            x = ex.env[source]
+            idxs, outs = [], []
+            for lay in info["parts"]:
+                keys = ex.keys(lay)
+                first = TS.positions_of(keys)
+                wanted = np.isin(TS.keys, keys) & (TS.copy > 0)
+                extra = np.nonzero(wanted)[0]
+                extra = extra[np.argsort(TS.copy[extra], kind="stable")]
+                idx = np.concatenate([first, extra])
+                idxs.append(idx)
+                outs.append(TS.take(idx, dim=TS.dim))
+            if info["tuple"]:
+                ex.emit_select_many(node, x, TS.dim, idxs, tuple(outs))
+            else:
+                ex.env[node] = ex.index_select(node, x, TS.dim, idxs[0])
+                ex.tl[node] = outs[0]
+                ex.log(node, f"channel rearrangement as index_select of {len(idxs[0])} channels from '{source.name}'")
+
+
+def lay_stride(ex, node):
+    """The tag stride used when the node's input was encoded (trailing-dim size of its source)."""
+    src = node.args[0]
+    L = ex.an.layouts[src]
+    shape = src.meta["gpdc.shape"]
+    return int(np.prod(shape[L.dim + 1 :], dtype=np.int64)) if L.dim + 1 < len(shape) else 1
+
+
+def _patch_shape(node: fx.Node, TO, ex):
+    """view/reshape args with the channel-dim size replaced by the teacher's (unless it is -1)."""
+    args = list(node.args)
+    shape_args = args[1:]
+    packed = len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple))
+    sizes = list(shape_args[0]) if packed else shape_args
+    d = TO.dim
+    if d < len(sizes) and not (isinstance(sizes[d], int) and sizes[d] == -1):
+        sizes[d] = TO.width
+    new = [ex.arg(args[0])] + ([type(shape_args[0])(ex.arg(sizes))] if packed else list(ex.arg(sizes)))
+    return tuple(new)
+
+
+class CatRule(Rule):
+    def analyze(self, node: fx.Node, an):
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        nd = len(node.meta["gpdc.shape"])
+        dim = dim % nd
+        lays = [an.layout_of(t) for t in tensors]
+        if any(isinstance(L, SplitLayout) for L in lays):
+            raise RuleError(f"cat '{node.name}' receives a tensor whose channel dim is split across dims.")
+        cdim = next(L.dim for L in lays if L is not None)
+        if dim == cdim:
+            parts = [L if L is not None else an.pinned_layout(node, dim, t.meta["gpdc.shape"][dim], "concatenated unwidened tensor")
+                     for L, t in zip(lays, tensors)]
+            an.info[node] = {"kind": "channels", "parts": parts}
+            return cat_layouts(parts, dim)
+        first = None
+        for L, t in zip(lays, tensors):
+            if L is None:
+                L = an.pinned_layout(node, cdim, t.meta["gpdc.shape"][cdim], "concatenated with widened channels")
+            if first is None:
+                first = L
+            else:
+                an.couple(first, L, node)
+        an.info[node] = {"kind": "other", "parts": [an.layout_of(t) for t in tensors], "first": first}
+        return first
+
+    def expand(self, node: fx.Node, ex) -> None:
+        info = ex.an.info[node]
+        tensors = node.args[0]
+        if info["kind"] == "channels":
+            TIs = [ex.tin(t, L) for t, L in zip(tensors, info["parts"])]
+            ex.emit_copy(node, cat_teacher(TIs, TIs[0].dim))
+        else:
+            ex.emit_copy(node, next(ex.tl[t] for t in tensors if ex.tl.get(t) is not None))
+
+
+class ReduceRule(Rule):
+    """mean/sum over dims. Over the channel dim, copies are weighted by the fan-in scale so the
+    teacher sums each student channel once (and a mean divides by the student's width)."""
+
+    def __init__(self, mean: bool):
+        self.mean = mean
+
+    def _dims(self, node):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        nd = len(node.args[0].meta["gpdc.shape"])
+        if dims is None:
+            dims = list(range(nd))
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return sorted(d % nd for d in dims), keep
+
+    def analyze(self, node: fx.Node, an):
+        L = an.layout_of(node.args[0])
+        if not isinstance(L, Layout):
+            raise RuleError(f"reduction '{node.name}' receives a channel dim split across dims.")
+        dims, keep = self._dims(node)
+        if L.dim in dims:
+            an.info[node] = {"kind": "channels", "in": L}
+            return None
+        an.info[node] = {"kind": "other"}
+        return L if keep else L.with_dim(L.dim - sum(d < L.dim for d in dims))
+
+    def expand(self, node: fx.Node, ex) -> None:
+        info = ex.an.info[node]
+        TI = ex.tl[node.args[0]]
+        if info["kind"] == "other":
+            lay = ex.an.layouts[node]
+            ex.emit_copy(node, TI.take(slice(None), dim=lay.dim))
+            return
+        L = info["in"]
+        shape = [1] * len(node.args[0].meta["gpdc.shape"])
+        shape[TI.dim] = TI.width
+        w = torch.as_tensor(ex.fanin_scale(TI), dtype=torch.float32).view(shape)
+        w_node = ex.buffer(node, "reduce_weight", w)
+        x = ex.graph.call_function(operator.mul, (ex.arg(node.args[0]), w_node))
+        red = ex.graph.node_copy(node, lambda n: x if n is node.args[0] else ex.arg(n))
+        if self.mean:
+            red = ex.graph.call_function(operator.mul, (red, TI.width / L.width))
+        ex.env[node] = red
+        ex.tl[node] = None
+        ex.log(node, f"channel reduction weights {TI.width} teacher channels back to {L.width}")
+
+
+_MOVE_METHODS = ("view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze",
+                 "chunk", "split", "narrow", "unflatten", "movedim", "swapaxes")
+_MOVE_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                   torch.chunk, torch.split, torch.narrow, torch.movedim, torch.swapaxes, operator.getitem)
+for _m in _MOVE_METHODS:
+    register_method_rule(_m, MoveRule())
+for _f in _MOVE_FUNCTIONS:
+    register_function_rule(_f, MoveRule())
+register_function_rule(torch.cat, CatRule())
+register_function_rule(torch.concat, CatRule())
+for _name, _mean in (("mean", True), ("sum", False)):
+    register_method_rule(_name, ReduceRule(_mean))
+register_function_rule(torch.mean, ReduceRule(True))
+register_function_rule(torch.sum, ReduceRule(False))

@@ -1,0 +1,154 @@
+"""Rules for the layers that mix channels: convolutions (dense, depthwise, grouped) and Linear.
+
+Teacher activations are *replicated* (every copy of a channel carries the student's value), so a
+channel-mixing layer divides each input column by the number of copies of that channel in its
+input (its fan-in scale) and its outputs need no scaling; per-channel ops then work unchanged.
+Under ``grow`` the old outputs read only the old inputs and the new rows are freshly initialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import RuleError
+from ..layout import Layout
+from .registry import Rule, register_module_rule
+
+
+def _dense_weight(ex, w: torch.Tensor, rows_student: np.ndarray, TO, cols_student: np.ndarray, TI) -> torch.Tensor:
+    """Teacher weight [C'_out, C'_in, ...] for a channel-mixing layer, both strategies."""
+    w = w.detach()
+    rows = torch.as_tensor(rows_student)
+    cols = torch.as_tensor(cols_student)
+    colscale = torch.as_tensor(ex.fanin_scale(TI), dtype=w.dtype)
+    bshape = [1, -1] + [1] * (w.dim() - 2)
+    if ex.strategy == "replicate":
+        return w.index_select(0, rows).index_select(1, cols) * colscale.view(bshape)
+    fresh = torch.empty((TO.width, TI.width) + tuple(w.shape[2:]), dtype=w.dtype)
+    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+    old_rows = torch.as_tensor(np.nonzero(TO.copy == 0)[0])
+    block = w.index_select(0, rows[old_rows]).index_select(1, cols) * colscale.view(bshape)
+    fresh[old_rows] = block
+    return fresh
+
+
+class DenseRule(Rule):
+    """Conv (any groups) and Linear: open a new channel space for the output."""
+
+    opens_space = True
+
+    def analyze(self, node: fx.Node, an):
+        m = an.module(node)
+        is_linear = isinstance(m, nn.Linear)
+        shape = node.args[0].meta["gpdc.shape"] if isinstance(node.args[0], fx.Node) else None
+        cin = m.in_features if is_linear else m.in_channels
+        cout = m.out_features if is_linear else m.out_channels
+        cdim = len(shape) - 1 if is_linear else 1
+        L = an.layout_of(node.args[0])
+        if L is None:
+            L = an.pinned_layout(node, cdim, cin, "input that is not widened (e.g. the data input)")
+        if not isinstance(L, Layout):
+            raise RuleError(f"layer '{node.target}' receives a tensor whose channel dim is split across dims; reshape it back first.")
+        if L.dim != cdim:
+            if is_linear:  # a Linear over a non-channel dim acts channel-wise
+                an.info[node] = {"kind": "channelwise", "in": L}
+                return L
+            raise RuleError(f"layer '{node.target}' expects channels in dim {cdim}, but its input carries them in dim {L.dim}.")
+        groups = 1 if is_linear else m.groups
+        if groups == 1:
+            kind, out = "dense", Layout.of_space(cdim, an.new_space(cout, node), cout)
+        elif groups == cin == cout:
+            kind, out = "depthwise", L  # in and out are the same channels: one coupled space
+        else:
+            kind, out = "grouped", Layout.of_space(cdim, an.new_space(cout, node), cout)
+            if np.any(L.sub):
+                raise RuleError(f"grouped conv '{node.target}' receives flattened features; not supported.")
+            an.spaces[out.space[0]].quantum = cout // groups
+            an.set_quantum(L, cin // groups)
+        an.info[node] = {"kind": kind, "in": L, "out": out}
+        return out
+
+    def expand(self, node: fx.Node, ex) -> None:
+        m = ex.an.module(node)
+        info = ex.an.info[node]
+        L = info["in"]
+        TI = ex.tin(node.args[0], L)
+        x = ex.arg(node.args[0])
+        kind = info["kind"]
+        if kind == "channelwise":
+            ex.emit_module(node, ex.clone(m), x, layout=TI)
+            ex.share_unchanged(node.target, m)
+            return
+        has_bias = getattr(m, "bias", None) is not None
+        if kind == "dense":
+            Lout = info["out"]
+            TO = ex.canonical(Lout)
+            cols = ex.student_pos(L, TI)
+            w = _dense_weight(ex, m.weight, TO.index, TO, cols, TI)
+            params = {"weight": w}
+            if has_bias:
+                b = m.bias.detach()[torch.as_tensor(TO.index)].clone()
+                if ex.strategy == "grow":
+                    b[torch.as_tensor(TO.copy > 0)] = 0
+                params["bias"] = b
+            attrs = {"in_features": TI.width, "out_features": TO.width} if isinstance(m, nn.Linear) else {
+                "in_channels": TI.width, "out_channels": TO.width}
+            ex.emit_module(node, ex.clone(m, params=params, **attrs), x, layout=TO)
+            rows = TO.positions_of(ex.keys(Lout))
+            in_pos = TI.positions_of(ex.keys(L))
+            colscale = ex.fanin_scale(TI)[in_pos]
+            ex.share(node.target, "weight", index={0: rows, 1: in_pos}, scale={1: 1.0 / colscale})
+            if has_bias:
+                ex.share(node.target, "bias", index={0: rows})
+            ex.log(node, f"{kind}: {m.weight.shape[1] * m.groups if not isinstance(m, nn.Linear) else m.in_features}"
+                   f"->{TI.width} in, {Lout.width}->{TO.width} out")
+            return
+        if kind == "depthwise":
+            pos = torch.as_tensor(ex.student_pos(L, TI))
+            params = {"weight": m.weight.detach().index_select(0, pos)}
+            if has_bias:
+                params["bias"] = m.bias.detach().index_select(0, pos)
+            new = ex.clone(m, params=params, in_channels=TI.width, out_channels=TI.width, groups=TI.width)
+            ex.emit_module(node, new, x, layout=TI)
+            rows = TI.positions_of(ex.keys(L))
+            ex.share(node.target, "weight", index={0: rows})
+            if has_bias:
+                ex.share(node.target, "bias", index={0: rows})
+            ex.log(node, f"depthwise: {L.width}->{TI.width} channels")
+            return
+        # grouped: teacher group t computes student group sigma(t) from one copy of its inputs
+        Lout = info["out"]
+        TO = ex.canonical(Lout)
+        a, b = m.in_channels // m.groups, m.out_channels // m.groups
+        tgroups = TO.width // b
+        in_keys = ex.keys(L)
+        gather = []
+        for t in range(tgroups):
+            sigma, c = TO.index[t * b] // b, TO.copy[t * b]
+            want = in_keys[sigma * a : (sigma + 1) * a]
+            have = c if np.isin(want, TI.keys[TI.copy == c]).all() else 0
+            gather.append(TI.positions_of(want, copy=have))
+        gather = np.concatenate(gather)
+        if not np.array_equal(gather, np.arange(TI.width)):
+            x = ex.index_select(node, x, 1, gather)
+            ex.log(node, f"grouped conv reads {len(gather)} of {TI.width} input channels through a gather")
+        rows = torch.as_tensor(TO.index)
+        params = {"weight": m.weight.detach().index_select(0, rows)}
+        if has_bias:
+            params["bias"] = m.bias.detach().index_select(0, rows)
+        new = ex.clone(m, params=params, in_channels=len(gather), out_channels=TO.width, groups=tgroups)
+        ex.emit_module(node, new, x, layout=TO)
+        out_rows = TO.positions_of(ex.keys(Lout))
+        ex.share(node.target, "weight", index={0: out_rows})
+        if has_bias:
+            ex.share(node.target, "bias", index={0: out_rows})
+        ex.log(node, f"grouped conv: {m.groups}->{tgroups} groups, {Lout.width}->{TO.width} out")
+
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+    register_module_rule(_cls, DenseRule())

@@ -1,0 +1,135 @@
+"""The declarative spec: what to expand, by how much, and how.
+
+Specs are strict pydantic v2 models loaded from YAML. Unknown keys are errors, and every
+validation error carries its field path, so a user sees exactly which line to change.
+
+Ratio precedence for a layer (lowest to highest): ``expand.ratio`` (default) < glob pattern in
+``expand.layers`` < exact module name in ``expand.layers``. When several glob patterns match
+one layer, the longest pattern wins (ties: the one listed first). A coupled channel group takes
+the highest-precedence rule among its member layers; two members set by rules of that same
+precedence with different ratios are a conflict (an error that names both layers and the node
+that couples them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+
+
+class ExpandSpec(BaseModel):
+    """How the student is widened into the dynamic teacher (IR, METHOD.md §2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = Field(
+        2.0,
+        description="Default expansion ratio C'/C for every coupled channel group; must be > 1. "
+        "Non-integer ratios are allowed (per-channel multiplicities keep the teacher exact).",
+    )
+    strategy: Literal["replicate", "grow"] = Field(
+        "replicate",
+        description="'replicate': new channels copy old ones (the paper's IR). "
+        "'grow': new channels are fresh and never feed old ones (zero cross-talk, METHOD.md §2.1).",
+    )
+    layers: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-layer ratio overrides. Keys are exact module names (e.g. 'layer4.1.conv2') "
+        "or glob patterns (e.g. 'layer4.*'); values are ratios >= 1 (1 keeps that group's width).",
+    )
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_above_one(cls, v: float) -> float:
+        if not v > 1.0:
+            raise ValueError(f"the default expansion ratio must be > 1, got {v}; use e.g. 2.0 or 1.5")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, r in v.items():
+            if not r >= 1.0:
+                raise ValueError(
+                    f"layer rule '{key}' has ratio {r}; per-layer ratios must be >= 1 "
+                    "(1 keeps the group's width, > 1 widens it)"
+                )
+        return v
+
+
+class Spec(BaseModel):
+    """A gpdc spec: the input the model is traced with and how to expand it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_shape: list[int] = Field(
+        [1, 3, 224, 224],
+        description="Shape of one example input (batch first) used for tracing and shape propagation.",
+    )
+    expand: ExpandSpec = Field(default_factory=ExpandSpec, description="Expansion (IR) settings.")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, v: list[int]) -> list[int]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError(f"input_shape must be a non-empty list of positive sizes, got {v}")
+        return v
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see `gpdc spec --schema`)"
+        parts.append(f"{path}: {msg}")
+    return f"invalid spec {source}: " + "; ".join(parts) + "."
+
+
+def load_spec(spec: "Spec | dict | str | Path | None") -> Spec:
+    """Return a validated ``Spec`` from a Spec, a dict, or a path to a YAML file."""
+    if spec is None:
+        return Spec()
+    if isinstance(spec, Spec):
+        return spec
+    source = "(dict)"
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        source = str(path)
+        if not path.is_file():
+            raise SpecError(f"spec file {path} does not exist; pass the path of a YAML spec such as specs/r18.yaml.")
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec file {path} is not valid YAML ({e}); fix the syntax at the line shown.") from None
+    if not isinstance(spec, dict):
+        raise SpecError(f"spec {source} must be a mapping at the top level, got {type(spec).__name__}.")
+    try:
+        return Spec.model_validate(spec)
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e, source)) from None
+
+
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def match_layer(name: str, rules: dict[str, float]) -> tuple[str, str, float] | None:
+    """The highest-precedence layer rule for module ``name``: (level, key, ratio) or None.
+
+    level is 'exact' or 'glob'."""
+    if name in rules:
+        return ("exact", name, rules[name])
+    best = None
+    for key, r in rules.items():
+        if is_glob(key) and fnmatch.fnmatchcase(name, key):
+            if best is None or len(key) > len(best[1]):
+                best = ("glob", key, r)
+    return best

@@ -1,0 +1,41 @@
+"""The shared student: the original architecture run on parameters read out of the teacher.
+
+It owns no weights (hard parameter sharing, METHOD.md §1): every forward reads its parameters
+through the ParamMap from the teacher's *current* tensors with ``torch.func.functional_call``, so
+gradients of a student loss accumulate in the teacher's parameters. It keeps its own buffers
+(BatchNorm running statistics), because it sees different activations than the teacher once
+training starts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+from torch import nn
+from torch.func import functional_call
+
+from .param_map import ParamMap
+
+
+class SharedStudent(nn.Module):
+    def __init__(self, student: fx.GraphModule, teacher: nn.Module, param_map: ParamMap):
+        super().__init__()
+        net = copy.deepcopy(student)
+        for module in net.modules():
+            for name in [k for k, v in module._parameters.items() if v is not None]:
+                del module._parameters[name]
+        self.net = net
+        self.param_map = param_map
+        self._teacher = (teacher,)  # a tuple, so the teacher is not registered as a submodule
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def shared_parameters(self) -> dict:
+        """The student's parameters, computed from the teacher's current ones (differentiable)."""
+        return self.param_map.read_all(dict(self.teacher.named_parameters()))
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.net, self.shared_parameters(), args, kwargs, strict=False)
