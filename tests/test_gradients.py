@@ -1,0 +1,44 @@
+"""A loss on the shared student sends the original student's gradients into the teacher."""
+
+import pytest
+import torch
+import torchvision
+
+import gpdc
+from gpdc.exactness import randomize_bn, set_mode
+
+
+@pytest.mark.parametrize("name,strategy,ratio", [
+    ("resnet18", "replicate", 2.0), ("mobilenet_v3_small", "replicate", 1.5),
+    ("shufflenet_v2_x0_5", "grow", 1.5), ("regnet_x_400mf", "replicate", 1.5),
+])
+def test_student_gradients_reach_teacher(name, strategy, ratio):
+    model = randomize_bn(torchvision.models.get_model(name, weights=None, num_classes=7)).double()
+    exp = gpdc.expand(model, {"input_shape": [4, 3, 32, 32], "expand": {"ratio": ratio, "strategy": strategy}})
+    exp.teacher.double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 7, (4,))
+
+    original = exp.original
+    set_mode(original, norm_train=True)  # BN batch statistics; dropout off (it is random)
+    loss = torch.nn.functional.cross_entropy(original(x), y)
+    expected = dict(zip([n for n, _ in original.named_parameters()], torch.autograd.grad(loss, list(original.parameters()))))
+
+    set_mode(exp.student, norm_train=True)
+    torch.nn.functional.cross_entropy(exp.student(x), y).backward()
+    tparams = dict(exp.teacher.named_parameters())
+    for name_, src in exp.param_map.sources.items():
+        grad = tparams[src.teacher].grad
+        assert grad is not None, name_
+        # documented scale: student = scale * teacher[index], so d/dteacher[index] = scale * d/dstudent
+        g = grad
+        for d, idx in src.index.items():
+            g = g.index_select(d, idx)
+        want = expected[name_]
+        for d, s in src.scale.items():
+            shape = [1] * want.dim()
+            shape[d] = -1
+            want = want * s.double().view(shape)
+        torch.testing.assert_close(g, want, rtol=1e-7, atol=1e-10, msg=name_)
+        # entries the student does not read get no gradient from it
+        assert float(grad.abs().sum()) == pytest.approx(float(g.abs().sum()), rel=1e-9, abs=1e-12), name_
