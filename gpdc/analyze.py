@@ -113,6 +113,13 @@ class ChannelAnalysis:
                 "(gpdc.register_function_rule) or keep these layers at ratio 1."
             )
         for sa, sb in set(zip(a.space.tolist(), b.space.tolist())):
+            if sa != sb and self.spaces[sa].width != self.spaces[sb].width:
+                raise CouplingError(
+                    f"node {node_label(node)} ties part of a {self.spaces[sa].width}-channel space (from "
+                    f"'{self.spaces[sa].origin}') to a {self.spaces[sb].width}-channel space (from "
+                    f"'{self.spaces[sb].origin}'), e.g. a residual add on a channel slice; gpdc couples whole "
+                    "channel spaces only. Insert a 1x1 conv before the add, or keep these layers at ratio 1."
+                )
             if sa != sb:
                 self.coupling.add_edge(sa, sb, node=node.name)
                 ra, rb = self.find(sa), self.find(sb)

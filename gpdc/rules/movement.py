@@ -31,6 +31,8 @@ def _value(a, src, tags):
         return type(a)(_value(x, src, tags) for x in a)
     if isinstance(a, dict):
         return {k: _value(v, src, tags) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_value(a.start, src, tags), _value(a.stop, src, tags), _value(a.step, src, tags))
     return a
 
 
