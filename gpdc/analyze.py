@@ -231,8 +231,12 @@ def _no_rule_message(node: fx.Node, an: ChannelAnalysis) -> str:
     else:
         what = f"{node.op} '{getattr(node.target, '__name__', node.target)}'"
         how = "gpdc.register_function_rule(fn, rule)"
+    line = ""
     src = (node.stack_trace or "").strip().splitlines()
-    line = f" Source: {src[-2].strip()} {src[-1].strip()}" if len(src) >= 2 else ""
+    for where, code in zip(src, src[1:]):
+        if where.strip().startswith("File") and "/torch/" not in where and "/gpdc/" not in where:
+            line = f" Source: {where.strip()}: `{code.strip()}`."
+            break
     return (
         f"no channel rule for node {node_label(node)}: {what} receives widened channels and gpdc does not "
         f"know how it treats the channel dimension.{line} Register a rule with {how}, or, if the op "

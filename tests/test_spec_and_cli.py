@@ -144,3 +144,47 @@ def test_cli_expand_bundled_default_is_exact():
     report = json.loads(r.stdout)
     assert all(c["ok"] for c in report["exactness"].values())
     assert report["teacher_params"] > report["student_params"]
+
+
+class CumsumNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.cumsum(self.conv(x), 1)  # mixes channels: no rule
+        return self.fc(y.mean((2, 3)))
+
+
+def test_op_without_rule_names_the_node_and_the_registry():
+    with pytest.raises(gpdc.RuleError) as e:
+        gpdc.expand(CumsumNet(), {"input_shape": [1, 3, 8, 8]})
+    msg = str(e.value)
+    assert "'cumsum'" in msg and "register_function_rule" in msg and "torch.cumsum(self.conv(x), 1)" in msg
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.max() > 100 else x.clamp(min=0)  # untraceable, but channel-wise (max is copy-invariant)
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.gate = Gate()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.conv(x)).mean((2, 3)))
+
+
+def test_leaf_module_registry_makes_untraceable_code_expandable():
+    gpdc.register_leaf_module(Gate)
+    gpdc.register_elementwise(Gate)
+    model = GatedNet()
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 8, 8], "expand": {"ratio": 1.5}})
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(exp.teacher(x), model(x), rtol=1e-5, atol=1e-6)
+    assert exp.groups[1].teacher_width == 12
