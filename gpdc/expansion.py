@@ -1,15 +1,18 @@
-"""``gpdc.expand``: trace → analyze → plan → IR, returning teacher, shared student and groups."""
+"""``gpdc.expand``: trace → analyze → plan → expand (IR) → branch (CBR) → share, and ``fold``."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from .analyze import ChannelAnalysis, Group
+from .fold import fuse_conv_bn
 from .pass_manager import run_passes
 from .param_map import ParamMap
 from .plan import ExpansionPlan, plan_expansion
@@ -23,8 +26,9 @@ class Expansion:
     """The result of ``gpdc.expand``."""
 
     spec: Spec
-    original: fx.GraphModule  # the traced student (a copy; the user's model is untouched)
-    teacher: fx.GraphModule  # the dynamic teacher
+    source: nn.Module  # a copy of what the user passed (their class), the target of fold
+    original: fx.GraphModule  # the traced student
+    teacher: fx.GraphModule  # the dynamic teacher (with CBR branches)
     student: SharedStudent  # the student, reading its parameters from the teacher
     groups: list[Group]
     param_map: ParamMap
@@ -39,6 +43,32 @@ class Expansion:
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()),
         }
 
+    def fold_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's parameters (ParamMap evaluated once) and its own buffers, as a state_dict that
+        loads with strict=True into the user's model class."""
+        with torch.no_grad():
+            params = {k: v.detach().clone().contiguous() for k, v in self.student.shared_parameters().items()}
+        full = self.source.state_dict()
+        own = {k: v.detach().clone() for k, v in self.student.net.state_dict().items()}
+        unknown = (set(params) | set(own)) - set(full)
+        if unknown:
+            raise AssertionError(f"internal error: folded keys not in the model: {sorted(unknown)[:5]}")
+        return {k: v.detach().clone() for k, v in full.items()} | own | params
+
+    def fold(self, fuse_bn: bool = False) -> nn.Module:
+        """A plain module of the student's original architecture with the folded weights.
+
+        With ``fuse_bn`` the result is a GraphModule (traced structure) whose conv+BatchNorm pairs
+        are fused for deployment (eval-mode BatchNorm)."""
+        model = copy.deepcopy(self.source)
+        model.load_state_dict(self.fold_state_dict(), strict=True)
+        model.eval()
+        if not fuse_bn:
+            return model
+        gm = copy.deepcopy(self.original)
+        gm.load_state_dict({k: v for k, v in self.fold_state_dict().items() if k in gm.state_dict()}, strict=True)
+        return fuse_conv_bn(gm.eval())
+
 
 def expand(
     model: nn.Module | fx.GraphModule,
@@ -47,14 +77,18 @@ def expand(
     leaf_functions: tuple[Callable, ...] = (),
 ) -> Expansion:
     """Widen ``model`` into an exact dynamic teacher and a student that shares its parameters."""
-    from .passes import InverseReparameterization  # noqa: PLC0415 (passes/ is installed as gpdc.passes)
+    from .passes import ChannelBranchReparameterization, InverseReparameterization  # noqa: PLC0415 (passes/)
 
     spec = load_spec(spec)
     student = trace(model, spec.input_shape, leaf_modules, leaf_functions)
     analysis = ChannelAnalysis(student)
     plan = plan_expansion(analysis, spec)
-    teacher, results = run_passes(student, (InverseReparameterization(analysis, plan),))
-    param_map = results[0].artifacts["param_map"]
+    param_map = ParamMap()
+    pipeline = (
+        InverseReparameterization(analysis, plan, param_map),
+        ChannelBranchReparameterization(spec.branches, param_map),
+    )
+    teacher, results = run_passes(student, pipeline)
     shared = SharedStudent(student, teacher, param_map)
-    log = [line for r in results for line in r.log]
-    return Expansion(spec, student, teacher, shared, plan.groups, param_map, plan, log)
+    log = [f"[{p.name}] {line}" for p, r in zip(pipeline, results) for line in r.log]
+    return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan, log)

@@ -9,6 +9,7 @@ of truth for the shared student, for fold and for checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,8 +44,12 @@ class ParamSource:
 
 
 class ParamMap:
+    """Student parameter name -> ParamSource; ``derived`` teacher tensors (e.g. a CBR block's merged
+    kernel) are computed from the teacher's parameters before they are indexed."""
+
     def __init__(self):
         self.sources: dict[str, ParamSource] = {}
+        self.derived: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {}
 
     def add(self, student_name: str, teacher_name: str, index=None, scale=None) -> None:
         def tensors(d, dtype):
@@ -58,12 +63,23 @@ class ParamMap:
 
         self.sources[student_name] = ParamSource(teacher_name, tensors(index, torch.int64), tensors(scale, torch.float32))
 
+    def derive(self, teacher_name: str, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        self.derived[teacher_name] = fn
+
+    def _tensor(self, name: str, teacher_params: dict[str, torch.Tensor], cache: dict) -> torch.Tensor:
+        if name not in self.derived:
+            return teacher_params[name]
+        if name not in cache:
+            cache[name] = self.derived[name](teacher_params)
+        return cache[name]
+
     def read(self, name: str, teacher_params: dict[str, torch.Tensor]) -> torch.Tensor:
         src = self.sources[name]
-        return src.read(teacher_params[src.teacher])
+        return src.read(self._tensor(src.teacher, teacher_params, {}))
 
     def read_all(self, teacher_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: src.read(teacher_params[src.teacher]) for name, src in self.sources.items()}
+        cache: dict = {}
+        return {name: src.read(self._tensor(src.teacher, teacher_params, cache)) for name, src in self.sources.items()}
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -63,6 +63,23 @@ class ExpandSpec(BaseModel):
         return v
 
 
+BranchKind = Literal["kxk", "1x1", "avg", "1x1_kxk", "identity", "dw_1x1"]
+
+
+class BranchSpec(BaseModel):
+    """CBR branches on the teacher's k×k convolutions (METHOD.md §3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[BranchKind] = Field(
+        default_factory=lambda: ["kxk", "1x1", "1x1_kxk", "avg", "identity"],
+        description="Branches every selected k×k conv gets: kxk (the original kernel), 1x1, avg (1x1 then k×k "
+        "average pooling), 1x1_kxk, identity (in = out, stride 1), dw_1x1 (groups = 1). [] disables branches. "
+        "The original kernel is always kept.",
+    )
+    layers: str = Field("*", description="Glob over conv module names that get branches (e.g. 'layer*').")
+
+
 class Spec(BaseModel):
     """A gpdc spec: the input the model is traced with and how to expand it."""
 
@@ -73,6 +90,10 @@ class Spec(BaseModel):
         description="Shape of one example input (batch first) used for tracing and shape propagation.",
     )
     expand: ExpandSpec = Field(default_factory=ExpandSpec, description="Expansion (IR) settings.")
+    branches: BranchSpec = Field(
+        default_factory=BranchSpec,
+        description="CBR branches on k×k convs; absent: the paper's default set; `kinds: []` disables them.",
+    )
 
     @field_validator("input_shape")
     @classmethod

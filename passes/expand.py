@@ -38,12 +38,13 @@ torch.fx.wrap("select_channels")
 class InverseReparameterization(Pass):
     name = "expand"
 
-    def __init__(self, analysis: ChannelAnalysis, plan: ExpansionPlan):
+    def __init__(self, analysis: ChannelAnalysis, plan: ExpansionPlan, param_map: ParamMap):
         self.an = analysis
         self.plan = plan
+        self.param_map = param_map
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        ex = _Expander(gm, self.an, self.plan)
+        ex = _Expander(gm, self.an, self.plan, self.param_map)
         teacher = ex.run()
         return PassResult(teacher, True, artifacts={"param_map": ex.param_map, "layouts": ex.tl}, log=ex.lines)
 
@@ -51,7 +52,7 @@ class InverseReparameterization(Pass):
 class _Expander:
     """Holds the teacher graph under construction; the API the channel rules call."""
 
-    def __init__(self, gm: fx.GraphModule, an: ChannelAnalysis, plan: ExpansionPlan):
+    def __init__(self, gm: fx.GraphModule, an: ChannelAnalysis, plan: ExpansionPlan, param_map: ParamMap):
         self.gm, self.an, self.plan = gm, an, plan
         self.strategy = plan.strategy
         self.graph = fx.Graph()
@@ -60,7 +61,7 @@ class _Expander:
         self.modules: dict[str, nn.Module] = {}
         self.attrs: dict[str, torch.Tensor] = {}
         self.index_buffers = nn.Module()
-        self.param_map = ParamMap()
+        self.param_map = param_map
         self.lines: list[str] = []
 
     # -- the walk ---------------------------------------------------------------------------
