@@ -155,6 +155,38 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
     sys.exit(0 if eq.ok else 1)
 
 
+@main.command("train", context_settings={"show_default": True})
+@click.argument("student")
+@click.option("--spec", "spec_path", required=True, help="YAML spec with a train: section.")
+@click.option("--data", default="digits", help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR")
+@click.option("--teacher", "teacher_ref", default=None, help="Static teacher: path/to/model.py, torchvision:NAME, timm:NAME.")
+@click.option("--teacher-weights", default=None, help="Static teacher weights (.safetensors or a torch state_dict).")
+@click.option("--student-weights", default=None, help="Start from these student weights (finetune mode).")
+@click.option("--epochs", type=int, default=None, help="Override train.epochs.")
+@click.option("--lr", type=float, default=None, help="Override train.lr.")
+@click.option("--batch-size", type=int, default=None, help="Override train.batch_size.")
+@click.option("--out", default=None, help="Output folder (default out/train_<student>).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.ckpt.")
+@click.option("--seed", type=int, default=0)
+@click.option("--entry", default="build_model", help="Function in model.py that builds the model.")
+def train_cmd(student, spec_path, data, teacher_ref, teacher_weights, student_weights, epochs, lr, batch_size, out,
+              resume, seed, entry) -> None:
+    """GPD training of STUDENT (distill with --teacher, scratch without, finetune with --student-weights)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .train.loop import train
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        metrics = train(student, spec_path, data, out, teacher_ref=teacher_ref, teacher_weights=teacher_weights,
+                        student_weights=student_weights, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        resume=resume, entry=entry, progress=progress)
+    if metrics:
+        last = metrics[-1]
+        parts = [f"{k} {100 * last[k]:.2f}%" for k in ("student_acc", "teacher_acc", "static_acc") if last.get(k) is not None]
+        Console().print(f"epoch {last['epoch']}: " + ", ".join(parts))
+
+
 def _print_report(report: dict) -> None:
     out = Console()
     table = Table(title=f"coupled channel groups ({report['strategy']})")

@@ -82,7 +82,8 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
                 ir[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok}
             set_mode(exp.teacher, False), set_mode(exp.student, False)
     with stage("fold"):
-        folded = exp.fold()
+        folded_sd = exp.fold_state_dict()
+        folded = exp.fold(state_dict=folded_sd)
         with torch.no_grad():
             a, b = exp.student.eval()(x), folded(x)
         fold_err = float((a - b).abs().max() / max(1.0, float(a.abs().max())))
@@ -95,7 +96,7 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
         eq = check_onnx(onnx_path, folded, torch.randn(*spec.input_shape))
     with stage("write"):
         _atomic_write(out_dir / "teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
-        _atomic_write(out_dir / "student.safetensors", lambda p: save_file(_tensors(exp.fold_state_dict()), p))
+        _atomic_write(out_dir / "student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
     report = exp.report() | {
         "model": model_ref,
         "spec": spec.model_dump(),

@@ -55,18 +55,19 @@ class Expansion:
             raise AssertionError(f"internal error: folded keys not in the model: {sorted(unknown)[:5]}")
         return {k: v.detach().clone() for k, v in full.items()} | own | params
 
-    def fold(self, fuse_bn: bool = False) -> nn.Module:
-        """A plain module of the student's original architecture with the folded weights.
+    def fold(self, fuse_bn: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A plain module of the student's original architecture with the folded weights
+        (``state_dict``: a ``fold_state_dict()`` already computed).
 
         With ``fuse_bn`` the result is a GraphModule (traced structure) whose conv+BatchNorm pairs
         are fused for deployment (eval-mode BatchNorm)."""
-        model = copy.deepcopy(self.source)
-        model.load_state_dict(self.fold_state_dict(), strict=True)
-        model.eval()
+        sd = self.fold_state_dict() if state_dict is None else state_dict
         if not fuse_bn:
-            return model
+            model = copy.deepcopy(self.source)
+            model.load_state_dict(sd, strict=True)
+            return model.eval()
         gm = copy.deepcopy(self.original)
-        gm.load_state_dict({k: v for k, v in self.fold_state_dict().items() if k in gm.state_dict()}, strict=True)
+        gm.load_state_dict({k: v for k, v in sd.items() if k in gm.state_dict()}, strict=True)
         return fuse_conv_bn(gm.eval())
 
 

@@ -15,13 +15,28 @@ import numpy as np
 import torch
 
 
+class _BalancedScale(torch.autograd.Function):
+    """Forward ``t * s``; backward ``grad / s``: the shared slice gets a plain step in student
+    coordinates instead of the IR multiplicity's m² (METHOD.md §4, 'balanced')."""
+
+    @staticmethod
+    def forward(ctx, t, s):
+        ctx.save_for_backward(s)
+        return t * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return grad / s, None
+
+
 @dataclass
 class ParamSource:
     teacher: str
     index: dict[int, torch.Tensor] = field(default_factory=dict)
     scale: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def read(self, t: torch.Tensor) -> torch.Tensor:
+    def read(self, t: torch.Tensor, balanced: bool = False) -> torch.Tensor:
         for d, idx in self.index.items():
             if idx.device != t.device:
                 self.index[d] = idx = idx.to(t.device)
@@ -31,7 +46,7 @@ class ParamSource:
                 self.scale[d] = s = s.to(device=t.device, dtype=t.dtype)
             shape = [1] * t.dim()
             shape[d] = -1
-            t = t * s.view(shape)
+            t = _BalancedScale.apply(t, s.view(shape)) if balanced else t * s.view(shape)
         return t
 
     def describe(self) -> str:
@@ -77,9 +92,10 @@ class ParamMap:
         src = self.sources[name]
         return src.read(self._tensor(src.teacher, teacher_params, {}))
 
-    def read_all(self, teacher_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def read_all(self, teacher_params: dict[str, torch.Tensor], balanced: bool = False) -> dict[str, torch.Tensor]:
         cache: dict = {}
-        return {name: src.read(self._tensor(src.teacher, teacher_params, cache)) for name, src in self.sources.items()}
+        return {name: src.read(self._tensor(src.teacher, teacher_params, cache), balanced)
+                for name, src in self.sources.items()}
 
     def __len__(self) -> int:
         return len(self.sources)

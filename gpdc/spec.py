@@ -80,6 +80,40 @@ class BranchSpec(BaseModel):
     layers: str = Field("*", description="Glob over conv module names that get branches (e.g. 'layer*').")
 
 
+class TrainSpec(BaseModel):
+    """GPD training (METHOD.md §4). The CLI overrides the common fields (--epochs, --lr, --batch-size, --seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=1, description="Training epochs.")
+    batch_size: int = Field(64, ge=1, description="Global batch size (split across DDP ranks).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW.")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    schedule: Literal["step", "cosine", "warmup_cosine", "constant"] = Field(
+        "cosine", description="step: ×gamma at each milestone epoch; cosine; warmup_cosine: linear warm-up then cosine.")
+    milestones: list[int] = Field(default_factory=lambda: [30, 60, 90], description="Epochs where 'step' multiplies the lr by gamma.")
+    gamma: float = Field(0.1, gt=0, description="Step-schedule factor.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs for warmup_cosine.")
+    clip_grad: float | None = Field(5.0, description="Clip the global gradient norm to this value (null: no clipping).")
+    ema: float | None = Field(None, description="EMA decay of the trained parameters (e.g. 0.999); evaluation uses the EMA.")
+    gpd: bool = Field(True, description="Train with GPD (dynamic teacher + shared student); false trains the model alone.")
+    kd: Literal["none", "hinton", "dkd"] = Field("dkd", description="Distillation from the static teacher (when one is given).")
+    kd_temperature: float = Field(4.0, gt=0, description="Hinton KD temperature.")
+    dkd_alpha: float = Field(1.0, ge=0, description="DKD target-class weight α.")
+    dkd_beta: float = Field(0.5, ge=0, description="DKD non-target weight β (0.5 ResNet-18, 2.0 MobileNet in the paper).")
+    dkd_temperature: float = Field(1.0, gt=0, description="DKD temperature.")
+    sce_weight: float = Field(3.0, ge=0, description="λ: weight of the dynamic teacher → student soft cross-entropy.")
+    sce_label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of that soft cross-entropy.")
+    sce_temperature: float = Field(1.0, gt=0, description="Temperature of that soft cross-entropy.")
+    static_teacher_train_mode: bool = Field(
+        False, description="Run the static teacher in train mode like the reference code; eval mode is the sound default.")
+    student_grad: Literal["paper", "balanced"] = Field(
+        "paper", description="'paper': the student's gradient reaches the shared slice scaled by the IR multiplicity m "
+        "(an m² step in student coordinates, the reference behaviour); 'balanced': divided back, a plain step.")
+
+
 class Spec(BaseModel):
     """A gpdc spec: the input the model is traced with and how to expand it."""
 
@@ -94,6 +128,7 @@ class Spec(BaseModel):
         default_factory=BranchSpec,
         description="CBR branches on k×k convs; absent: the paper's default set; `kinds: []` disables them.",
     )
+    train: TrainSpec = Field(default_factory=TrainSpec, description="GPD training settings (gpdc train).")
 
     @field_validator("input_shape")
     @classmethod

@@ -28,6 +28,7 @@ class SharedStudent(nn.Module):
         self.net = net
         self.param_map = param_map
         self._teacher = (teacher,)  # a tuple, so the teacher is not registered as a submodule
+        self.balanced_grad = False  # see ParamMap / METHOD.md §4: 'paper' (False) or 'balanced' (True)
 
     @property
     def teacher(self) -> nn.Module:
@@ -35,7 +36,7 @@ class SharedStudent(nn.Module):
 
     def shared_parameters(self) -> dict:
         """The student's parameters, computed from the teacher's current ones (differentiable)."""
-        return self.param_map.read_all(dict(self.teacher.named_parameters()))
+        return self.param_map.read_all(dict(self.teacher.named_parameters()), self.balanced_grad)
 
     def forward(self, *args, **kwargs):
         return functional_call(self.net, self.shared_parameters(), args, kwargs, strict=False)

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
-from .registry import Rule, register_function_rule, register_method_rule
+from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
 
 
 def _value(a, src, tags):
@@ -36,7 +36,9 @@ def _value(a, src, tags):
     return a
 
 
-def _call(node: fx.Node, args, kwargs):
+def _call(node: fx.Node, args, kwargs, an):
+    if node.op == "call_module":
+        return an.module(node)(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
@@ -56,7 +58,7 @@ class MoveRule(Rule):
             source_node, source = src, L
         else:
             tags, stride, source_node, source = L.tags, L.stride, L.source_node, L.source
-        out = _call(node, _value(node.args, src, tags), _value(node.kwargs, src, tags))
+        out = _call(node, _value(node.args, src, tags), _value(node.kwargs, src, tags), an)
         parts = list(out) if isinstance(out, (list, tuple)) else [out]
         if any(not isinstance(t, torch.Tensor) for t in parts):
             an.info[node] = {"kind": "value"}
@@ -125,6 +127,8 @@ class MoveRule(Rule):
                                     sub=np.repeat(TI.sub, k) * stride + np.tile(s, TI.width),
                                     keys=None))
             outs = [ex.rekey(o) for o in outs]
+            if node.op == "call_module":
+                ex.modules[node.target] = ex.clone(ex.an.module(node))
             args = _patch_shape(node, outs[0], ex) if node.target in ("view", "reshape") or node.target is torch.reshape else None
             ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.an.layouts[node], tuple) else outs[0], args=args)
         else:
@@ -262,6 +266,8 @@ for _m in _MOVE_METHODS:
     register_method_rule(_m, MoveRule())
 for _f in _MOVE_FUNCTIONS:
     register_function_rule(_f, MoveRule())
+for _cls in (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.ChannelShuffle):
+    register_module_rule(_cls, MoveRule())
 register_function_rule(torch.cat, CatRule())
 register_function_rule(torch.concat, CatRule())
 for _name, _mean in (("mean", True), ("sum", False)):

@@ -1,0 +1,68 @@
+"""`gpdc compile` wall time against a bare `torch.onnx.export` + one onnxruntime run, same process.
+
+    python bench/compile.py [--models resnet18,resnet50]
+
+Prints the ratio and the per-stage breakdown; writes bench/results/compile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+import torchvision
+
+from gpdc.compile import compile_model
+
+SPECS = {"resnet18": "specs/r18.yaml", "resnet50": "specs/r50.yaml", "mobilenet_v2": "specs/mobilenet_v2.yaml"}
+
+
+def bare_export(name: str, shape) -> float:
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(*shape)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        path = os.path.join(d, "m.onnx")
+        torch.onnx.export(model, (x,), path, opset_version=17, dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sess.run(None, {"input": x.numpy()})
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet18,resnet50")
+    args = ap.parse_args()
+    rows = []
+    root = Path(__file__).resolve().parent.parent
+    for name in args.models.split(","):
+        spec = str(root / SPECS[name])
+        shape = [1, 3, 224, 224]
+        base = bare_export(name, shape)
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            report, _ = compile_model(f"torchvision:{name}", spec, out)
+            total = time.perf_counter() - t
+        rows.append({"model": name, "compile_s": total, "bare_export_and_run_s": base, "ratio": total / base,
+                     "stages_s": report["seconds"], "ok": report["ok"]})
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items())
+        print(f"{name:10s} compile {total:6.2f}s  bare export+run {base:5.2f}s  ratio {total / base:5.1f}x  [{stages}]", flush=True)
+    out = Path(__file__).parent / "results" / "compile.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores", "command": "python bench/compile.py",
+                               "rows": rows}, indent=1))
+    tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""torch.distributed for ``torchrun -m gpdc train``: gloo on CPU, nccl on CUDA; rank 0 writes.
+
+Gradients are averaged by hand after both backward passes of a GPD step (the student's loss
+reaches the teacher's parameters through a second backward, which DDP's one-backward-per-forward
+hooks do not fit); buffers are broadcast from rank 0 after each step like DDP does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — initialises the process group when launched by torchrun."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, dist.get_world_size(), torch.device("cuda", local)
+    return rank, dist.get_world_size(), torch.device("cpu")
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def average_gradients(params) -> None:
+    if world() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world()
+
+
+def broadcast_buffers(*modules) -> None:
+    if world() == 1:
+        return
+    for m in modules:
+        for b in m.buffers():
+            dist.broadcast(b, 0)
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    if world() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

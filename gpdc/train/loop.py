@@ -1,0 +1,267 @@
+"""``gpdc train``: epochs of GPD (or a baseline), evaluation, metrics, checkpoints and resume.
+
+Determinism: the model is built after ``torch.manual_seed(seed)``; each epoch's sample order is a
+permutation drawn from a generator seeded by (seed, epoch) and sharded rank::world, so a resumed
+run (model, optimiser, scheduler, EMA and the global RNG restored from ``last.ckpt``) continues
+exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from ..errors import GpdcError
+from ..expansion import expand
+from ..export import check_onnx, export_onnx
+from ..models import load_model
+from ..spec import Spec, TrainSpec, load_spec
+from . import distributed
+from .data import Data, load_data
+from .ema import EMA
+from .plot import plot_gap
+from .step import Models, train_step
+
+
+def load_weights(model: nn.Module, path: str, what: str) -> None:
+    """Load ``path`` (safetensors, or a torch state_dict with weights_only=True) strictly."""
+    p = Path(path)
+    if not p.is_file():
+        raise GpdcError(f"{what} weights {path} do not exist.")
+    try:
+        state = load_file(str(p)) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GpdcError(f"{what} weights {path} cannot be read ({type(e).__name__}); give a .safetensors file or a "
+                        "torch state_dict saved with torch.save(model.state_dict(), path).") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise GpdcError(f"{what} weights {path} do not fit the {what} model: {str(e).splitlines()[0]} "
+                        "Pass the weights written for this architecture.") from None
+
+
+def _optimizer(cfg: TrainSpec, params):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: TrainSpec):
+    def factor(epoch: int) -> float:
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        if cfg.schedule == "constant":
+            return 1.0
+        warm = cfg.warmup_epochs if cfg.schedule == "warmup_cosine" else 0
+        if epoch < warm:
+            return (epoch + 1) / (warm + 1)
+        t = (epoch - warm) / max(1, cfg.epochs - warm)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def _batches(ds, indices: torch.Tensor, batch: int, device):
+    if isinstance(ds, TensorDataset):
+        x, y = ds.tensors
+        for i in range(0, len(indices), batch):
+            j = indices[i:i + batch]
+            yield x[j].to(device), y[j].to(device)
+    else:
+        for x, y in DataLoader(Subset(ds, indices.tolist()), batch_size=batch, shuffle=False):
+            yield x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Data, rank: int, world: int, device, batch: int = 256) -> float:
+    was = model.training
+    model.eval()
+    idx = torch.arange(len(data.test))[rank::world]
+    correct = total = 0
+    for x, y in _batches(data.test, idx, batch, device):
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    c, t = distributed.all_sum([correct, total], device)
+    return c / max(t, 1)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, metrics: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    os.replace(tmp, path)
+
+
+def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str | None = None, *,
+          teacher_ref: str | None = None, teacher_weights: str | None = None, student_weights: str | None = None,
+          epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
+          resume: bool = False, entry: str = "build_model", export: bool = True, progress=None,
+          stop_after: int | None = None) -> list[dict]:
+    """Train; returns the per-epoch metrics (also in OUT/metrics.jsonl).
+
+    ``stop_after`` ends this run after that many epochs (a time-limited job); ``resume`` continues it."""
+    spec = load_spec(spec)
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    cfg = spec.train.model_copy(update=overrides)
+    rank, world, device = distributed.init()
+    data = load_data(data_ref, tuple(spec.input_shape[2:]) if len(spec.input_shape) == 4 else (32, 32))
+    stem = student_ref.split(":", 1)[1] if ":" in student_ref else Path(student_ref).stem
+    out_dir = Path(out) if out else Path("out") / f"train_{stem}"
+    if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GpdcError(f"cannot create the output folder {out_dir} ({e.strerror}); pass a writable --out.") from None
+    ckpt_path = out_dir / "last.ckpt"
+    if resume and not ckpt_path.is_file():
+        raise GpdcError(f"--resume: no checkpoint {ckpt_path}; run without --resume first (same --out).")
+    if teacher_ref and not teacher_weights:
+        raise GpdcError("--teacher needs --teacher-weights: a static teacher with random weights teaches nothing.")
+
+    torch.manual_seed(seed)
+    model = load_model(student_ref, entry, num_classes=data.num_classes if ":" in student_ref else None)
+    if student_weights:
+        load_weights(model, student_weights, "student")
+    static = None
+    if teacher_ref:
+        static = load_model(teacher_ref, entry, num_classes=data.num_classes if ":" in teacher_ref else None)
+        load_weights(static, teacher_weights, "teacher")
+        static.requires_grad_(False)
+        static.train(cfg.static_teacher_train_mode)
+    x0 = data.train[0][0].unsqueeze(0)
+    with torch.no_grad():
+        n_out = model.eval()(x0).shape[-1]
+    if n_out != data.num_classes:
+        raise GpdcError(f"the student has {n_out} outputs but {data.name} has {data.num_classes} classes; build the "
+                        "model with a matching classifier.")
+    exp = None
+    if cfg.gpd:
+        exp = expand(model, spec.model_copy(update={"input_shape": [2, *x0.shape[1:]]}))
+        exp.student.balanced_grad = cfg.student_grad == "balanced"
+        exp.teacher.to(device), exp.student.to(device)
+        models = Models(list(exp.teacher.parameters()), exp.student, exp.teacher, static)
+    else:
+        model.to(device)
+        models = Models(list(model.parameters()), model, None, static)
+    if static is not None:
+        static.to(device)
+    optimizer = _optimizer(cfg, models.params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    ema = EMA(models.params, cfg.ema) if cfg.ema else None
+    metrics: list[dict] = []
+    start = 0
+    if resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if exp is not None:
+            exp.teacher.load_state_dict(state["teacher"], strict=True)
+            exp.student.net.load_state_dict(state["student_buffers"], strict=True)
+        else:
+            model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"].cpu())
+        start, metrics = state["epoch"] + 1, json.loads(state["metrics"])
+
+    static_acc = evaluate(static, data, rank, world, device) if static is not None else None
+    per_rank = max(1, cfg.batch_size // world)
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
+    for epoch in range(start, last):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(data.train), generator=g)[rank::world]
+        for m in (exp.teacher, exp.student) if exp is not None else (model,):
+            m.train()
+        sums: dict[str, float] = {}
+        steps, step_time = 0, 0.0
+        n_batches = math.ceil(len(order) / per_rank)
+        task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=n_batches) if progress and rank == 0 else None
+        for x, y in _batches(data.train, order, per_rank, device):
+            ts = time.perf_counter()
+            losses = train_step(models, cfg, x, y, optimizer, ema)
+            step_time += time.perf_counter() - ts
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            distributed.broadcast_buffers(*((exp.teacher, exp.student.net) if exp is not None else (model,)))
+            if task is not None:
+                progress.advance(task)
+        lr_now = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        swap = ema.swapped(models.params) if ema is not None else _nullcontext()
+        with swap:
+            student_acc = evaluate(models.student, data, rank, world, device)
+            teacher_acc = evaluate(exp.teacher, data, rank, world, device) if exp is not None else None
+        row = {"epoch": epoch + 1, "student_acc": student_acc, "teacher_acc": teacher_acc, "static_acc": static_acc,
+               **{k: v / max(steps, 1) for k, v in sums.items()}, "lr": lr_now,
+               "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1)}
+        metrics.append(row)
+        if rank == 0:
+            _write_metrics(out_dir / "metrics.jsonl", metrics)
+            state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)}
+            if exp is not None:
+                state |= {"teacher": exp.teacher.state_dict(), "student_buffers": exp.student.net.state_dict()}
+            else:
+                state |= {"model": model.state_dict()}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            _atomic_save(state, ckpt_path)
+    if rank == 0 and last == cfg.epochs:
+        _finish(out_dir, exp, model, models, ema, data, spec, export, metrics)
+    distributed.barrier()
+    return metrics
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _finish(out_dir: Path, exp, model, models: Models, ema, data: Data, spec: Spec, export: bool, metrics) -> None:
+    swap = ema.swapped(models.params) if ema is not None else _nullcontext()
+    with swap:
+        if exp is not None:
+            exp.teacher.cpu(), exp.student.cpu()
+            folded_sd = exp.fold_state_dict()
+            folded = exp.fold(state_dict=folded_sd)
+            teacher_sd = {k: v.detach().clone().contiguous() for k, v in exp.teacher.state_dict().items()}
+            _save(teacher_sd, out_dir / "teacher.safetensors")
+        else:
+            folded = model.cpu().eval()
+            folded_sd = folded.state_dict()
+        _save({k: v.detach().clone().contiguous() for k, v in folded_sd.items()}, out_dir / "student.safetensors")
+    report = {"data": data.name, "epochs": len(metrics), "final": metrics[-1] if metrics else None}
+    if export:
+        x = data.test[0][0].unsqueeze(0).repeat(2, *[1] * data.test[0][0].dim())
+        export_onnx(folded, x, out_dir / "student.onnx")
+        report["onnx"] = check_onnx(out_dir / "student.onnx", folded, x).as_dict()
+    tmp = out_dir / "report.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "report.json")
+    if metrics:
+        plot_gap(metrics, out_dir / "gap.png")
+
+
+def _save(sd: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)

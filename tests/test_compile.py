@@ -1,0 +1,124 @@
+"""The compile pipeline: fold after training steps, gpdc compile / gpdc check end to end, bad input."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+import torchvision
+from onnx import numpy_helper
+from safetensors.torch import load_file
+
+import gpdc
+from gpdc.exactness import randomize_bn
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gpdc", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name,strategy", [("resnet18", "replicate"), ("mobilenet_v3_small", "grow"),
+                                           ("shufflenet_v2_x0_5", "replicate")])
+def test_fold_equals_student_after_optimizer_steps(name, strategy):
+    model = randomize_bn(torchvision.models.get_model(name, weights=None, num_classes=10))
+    exp = gpdc.expand(model, {"input_shape": [4, 3, 32, 32], "expand": {"ratio": 1.5, "strategy": strategy}})
+    opt = torch.optim.SGD(exp.teacher.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        opt.zero_grad()
+        exp.teacher.train(), exp.student.train()
+        loss = torch.nn.functional.cross_entropy(exp.teacher(x), y) + torch.nn.functional.cross_entropy(exp.student(x), y)
+        loss.backward()
+        opt.step()
+    x = torch.randn(4, 3, 32, 32)
+    exp.teacher.eval(), exp.student.eval()
+    with torch.no_grad():
+        student, teacher = exp.student(x), exp.teacher(x)
+        assert float((student - teacher).abs().max()) > 1e-3  # training moved them apart
+        folded = exp.fold()(x)
+        fused = exp.fold(fuse_bn=True)(x)
+    scale = max(1.0, float(student.abs().max()))
+    assert float((folded - student).abs().max()) <= 1e-5 * scale
+    assert float((fused - student).abs().max()) <= 1e-4 * scale
+    fresh = torchvision.models.get_model(name, weights=None, num_classes=10)
+    fresh.load_state_dict(exp.fold_state_dict(), strict=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    r = run_cli("compile", "examples/model.py", "--spec", "specs/example.yaml", "--out", str(out), "--explain")
+    return out, r
+
+
+def test_compile_writes_checked_artifacts(compiled):
+    out, r = compiled
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["report.json", "student.onnx", "student.safetensors", "teacher.safetensors"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] and report["fold"]["ok"] and report["onnx"]["ok"]
+    assert all(c["ok"] for c in report["ir"].values())
+    assert set(report["seconds"]) >= {"expand", "fold", "export", "check_onnx"}
+    assert all("C" in g and "C_teacher" in g for g in report["groups"])
+    assert "[branch] stage1.0.conv1: branches" in r.stdout  # --explain
+    sys.path.insert(0, "examples")
+    try:
+        from model import build_model
+    finally:
+        sys.path.pop(0)
+    build_model().load_state_dict(load_file(out / "student.safetensors"), strict=True)
+    teacher = load_file(out / "teacher.safetensors")
+    assert any(k.endswith("branch_scale") for k in teacher)
+
+
+def test_check_passes_and_tampered_onnx_fails(compiled, tmp_path):
+    out, _ = compiled
+    ok = run_cli("check", str(out / "student.onnx"), "--model", "examples/model.py", "--weights", str(out / "student.safetensors"))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+    proto = onnx.load(out / "student.onnx")
+    init = max(proto.graph.initializer, key=lambda t: int(torch.tensor(t.dims).prod()) if t.dims else 0)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(proto, tmp_path / "tampered.onnx")
+    bad = run_cli("check", str(tmp_path / "tampered.onnx"), "--model", "examples/model.py", "--weights", str(out / "student.safetensors"))
+    assert bad.returncode == 1, bad.stderr
+    assert json.loads(bad.stdout)["ok"] is False
+
+
+def test_check_rejects_mismatched_weights(compiled):
+    out, _ = compiled
+    r = run_cli("check", str(out / "student.onnx"), "--model", "torchvision:resnet18", "--weights", str(out / "student.safetensors"))
+    assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["malformed_spec", "no_build_model", "unknown_torchvision", "unwritable_out"])
+def test_compile_bad_input_exits_2_and_writes_nothing(kind, tmp_path):
+    out = tmp_path / "out"
+    spec = "specs/example.yaml"
+    model = "examples/model.py"
+    if kind == "malformed_spec":
+        (tmp_path / "s.yaml").write_text("expand:\n  ratio: [2\n")
+        spec = str(tmp_path / "s.yaml")
+    elif kind == "no_build_model":
+        (tmp_path / "m.py").write_text("x = 1\n")
+        model = str(tmp_path / "m.py")
+    elif kind == "unknown_torchvision":
+        model = "torchvision:not_a_model"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        out = locked / "out"
+        if os.geteuid() == 0:  # root ignores permissions: use a path below a regular file instead
+            (tmp_path / "file").write_text("")
+            out = tmp_path / "file" / "out"
+    r = run_cli("compile", model, "--spec", spec, "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "error:" in r.stderr
+    assert not out.exists() or not any(out.iterdir())

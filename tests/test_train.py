@@ -1,0 +1,209 @@
+"""GPD training: the step, the losses, resume, DDP, ImageFolder data and bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gpdc
+from gpdc.spec import TrainSpec
+from gpdc.train.losses import dkd, hinton_kd, soft_cross_entropy
+from gpdc.train.loop import train
+from gpdc.train.step import Models, train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDENT = str(ROOT / "examples/digits/student.py")
+TEACHER = str(ROOT / "examples/digits/teacher.py")
+
+
+def tiny_spec(**train):
+    return gpdc.Spec.model_validate({"input_shape": [2, 1, 8, 8], "expand": {"ratio": 1.5},
+                                     "train": {"epochs": 2, "batch_size": 128, "lr": 0.05, **train}})
+
+
+def test_hinton_kd_by_hand():
+    s, t = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.2, 1.5, 1.0]])
+    T = 2.0
+    ps, pt = F.softmax(s / T, 1)[0], F.softmax(t / T, 1)[0]
+    want = float(sum(pt[i] * math.log(pt[i] / ps[i]) for i in range(3))) * T * T
+    assert float(hinton_kd(s, t, T)) == pytest.approx(want, rel=1e-6)
+
+
+def test_soft_cross_entropy_by_hand():
+    z, p = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.7, 0.2, 0.1]])
+    q = [0.9 * 0.7 + 0.1 / 3, 0.9 * 0.2 + 0.1 / 3, 0.9 * 0.1 + 0.1 / 3]
+    logp = F.log_softmax(z, 1)[0]
+    assert float(soft_cross_entropy(z, p, 0.1)) == pytest.approx(-sum(q[i] * float(logp[i]) for i in range(3)), rel=1e-6)
+
+
+def test_dkd_by_hand():
+    s, t, y = torch.tensor([[1.0, 2.0, 0.5, -0.3]]), torch.tensor([[0.2, 1.5, 1.0, 0.4]]), torch.tensor([1])
+    a, b, T = 1.0, 2.0, 1.5
+    ps, pt = F.softmax(s / T, 1)[0], F.softmax(t / T, 1)[0]
+    bs, bt = [float(ps[1]), 1 - float(ps[1])], [float(pt[1]), 1 - float(pt[1])]
+    tckd = sum(bt[i] * math.log(bt[i] / bs[i]) for i in range(2)) * T * T
+    others = [0, 2, 3]
+    qs = F.softmax(s[0, others] / T, 0)
+    qt = F.softmax(t[0, others] / T, 0)
+    nckd = float((qt * (qt / qs).log()).sum()) * T * T
+    assert float(dkd(s, t, y, a, b, T)) == pytest.approx(a * tckd + b * nckd, rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy,grad", [("replicate", "paper"), ("replicate", "balanced"), ("grow", "paper")])
+def test_one_step_moves_shared_slice_by_both_gradients(strategy, grad):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double()
+    exp = gpdc.expand(model, {"input_shape": [2, 1, 6, 6], "expand": {"ratio": 1.5, "strategy": strategy}})
+    exp.teacher.double()
+    exp.student.balanced_grad = grad == "balanced"
+    cfg = TrainSpec(lr=1.0, momentum=0.0, weight_decay=0.0, clip_grad=None, kd="none", sce_weight=3.0)
+    x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    params = list(exp.teacher.parameters())
+    before = [p.detach().clone() for p in params]
+    exp.teacher.train(), exp.student.train()
+    # explicit reference: d L_d / d theta + d L_s / d theta, both at the same (old) parameters
+    zd = exp.teacher(x)
+    g_d = torch.autograd.grad(F.cross_entropy(zd, y), params, allow_unused=True)
+    sp = exp.param_map.read_all(dict(exp.teacher.named_parameters()))  # paper scaling
+    from torch.func import functional_call
+    z = functional_call(exp.student.net, sp, (x,))
+    loss_s = F.cross_entropy(z, y) + 3.0 * soft_cross_entropy(z, F.softmax(zd.detach(), 1), 0.1)
+    g_sp = torch.autograd.grad(loss_s, list(sp.values()))
+    g_s = {id(p): torch.zeros_like(p) for p in params}
+    tp = dict(exp.teacher.named_parameters())
+    for (name, src), g in zip(exp.param_map.sources.items(), g_sp):
+        p = tp[src.teacher]
+        if src.teacher in exp.param_map.derived:  # merged kernels: chain through the merge
+            g_full = torch.autograd.grad(exp.param_map.derived[src.teacher](tp), params, allow_unused=True,
+                                         grad_outputs=_scatter(g, src, exp.param_map.derived[src.teacher](tp), grad))
+            for q, gq in zip(params, g_full):
+                if gq is not None:
+                    g_s[id(q)] += gq
+            continue
+        g_s[id(p)] += _scatter(g, src, p, grad)
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    train_step(Models(params, exp.student, exp.teacher), cfg, x, y, optimizer)
+    for p, b, gd in zip(params, before, g_d):
+        want = b - ((gd if gd is not None else 0) + g_s[id(p)])
+        torch.testing.assert_close(p.detach(), want, rtol=1e-9, atol=1e-12)
+
+
+def _scatter(g, src, like, mode):
+    """Gradient w.r.t. the teacher tensor from the gradient w.r.t. the student parameter."""
+    for d, s in src.scale.items():
+        shape = [1] * g.dim()
+        shape[d] = -1
+        s = s.to(g.dtype).view(shape)
+        g = g / s if mode == "balanced" else g * s
+    out = torch.zeros_like(like)
+    idx = [torch.arange(n) for n in like.shape]
+    for d, i in src.index.items():
+        idx[d] = i
+    out[torch.meshgrid(*idx, indexing="ij")] = g
+    return out
+
+
+def test_resume_gives_the_same_metrics(tmp_path):
+    spec = tiny_spec(epochs=3, ema=0.9)
+    full = train(STUDENT, spec, "digits", str(tmp_path / "a"), seed=3, export=False)
+    train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=3, export=False, stop_after=2)
+    assert not (tmp_path / "b" / "student.safetensors").exists()
+    resumed = train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=3, export=False, resume=True)
+    strip = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k} for m in ms]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_distill_run_writes_everything(tmp_path):
+    teacher_dir = tmp_path / "t"
+    train(TEACHER, gpdc.Spec.model_validate({"input_shape": [2, 1, 8, 8], "train": {"gpd": False, "kd": "none", "epochs": 1}}),
+          "digits", str(teacher_dir), export=False)
+    out = tmp_path / "s"
+    metrics = train(STUDENT, tiny_spec(epochs=1), "digits", str(out), teacher_ref=TEACHER,
+                    teacher_weights=str(teacher_dir / "student.safetensors"))
+    assert {"student_acc", "teacher_acc", "static_acc", "student_loss", "teacher_loss", "lr", "seconds"} <= set(metrics[0])
+    assert sorted(os.listdir(out)) == ["gap.png", "last.ckpt", "metrics.jsonl", "report.json", "student.onnx",
+                                       "student.safetensors", "teacher.safetensors"]
+    assert json.loads((out / "report.json").read_text())["onnx"]["ok"]
+    from safetensors.torch import load_file
+    sys.path.insert(0, str(ROOT / "examples/digits"))
+    try:
+        import student
+    finally:
+        sys.path.pop(0)
+    student.build_model().load_state_dict(load_file(out / "student.safetensors"), strict=True)
+
+
+def test_imagefolder_run(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(6):
+                noise = (torch.rand(8, 8, 3, generator=g) * 60).to(torch.uint8)
+                img = torch.tensor(colour, dtype=torch.uint8).view(1, 1, 3).expand(8, 8, 3) // 2 + noise
+                Image.fromarray(img.numpy()).save(d / f"{i}.png")
+    (tmp_path / "m.py").write_text(
+        "from torch import nn\n"
+        "def build_model():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n")
+    spec = gpdc.Spec.model_validate({"input_shape": [2, 3, 8, 8], "train": {"epochs": 2, "batch_size": 4}})
+    metrics = train(str(tmp_path / "m.py"), spec, f"imagefolder:{tmp_path / 'data'}", str(tmp_path / "out"))
+    assert len(metrics) == 2 and (tmp_path / "out" / "student.onnx").exists()
+
+
+def test_ddp_two_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "-m", "gpdc", "train", STUDENT, "--spec", str(ROOT / "examples/digits/gpd.yaml"),
+                        "--epochs", "2", "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # rank 0 writes once per epoch
+    m = json.loads(lines[-1])
+    assert 0.5 < m["student_acc"] <= 1.0 and m["teacher_acc"] is not None
+    # accuracy is reduced over both ranks' halves of the 360 test images
+    assert round(m["student_acc"] * 360) == pytest.approx(m["student_acc"] * 360, abs=1e-6)
+    assert (tmp_path / "ddp" / "student.safetensors").exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gpdc", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "cifar10:/nonexistent"], "does not exist"),
+    (["--data", "imagenet"], "unknown data"),
+    (["--teacher", TEACHER, "--teacher-weights", "/nonexistent.safetensors"], "do not exist"),
+    (["--teacher", TEACHER, "--teacher-weights", "{student_w}"], "do not fit the teacher"),
+    (["--student-weights", "{bad}"], "cannot be read"),
+    (["--resume"], "no checkpoint"),
+])
+def test_train_bad_input_exits_2(tmp_path, args, needle):
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT / "examples/digits"))
+    try:
+        import student
+    finally:
+        sys.path.pop(0)
+    save_file(student.build_model().state_dict(), tmp_path / "s.safetensors")
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    args = [a.format(student_w=tmp_path / "s.safetensors", bad=tmp_path / "bad.pt") for a in args]
+    r = run_cli("train", STUDENT, "--spec", str(ROOT / "examples/digits/gpd.yaml"), "--epochs", "1",
+                "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
