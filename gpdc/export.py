@@ -1,6 +1,7 @@
 """ONNX export and the onnxruntime equivalence check, shared by the CLI and the tests.
 
-``export_onnx`` writes an opset-17 file with a dynamic batch axis (to a temporary file, renamed into
+``export_onnx`` writes an opset-17 file (18 through the dynamo exporter when the TorchScript exporter
+cannot express an op) with a dynamic batch axis (to a temporary file, renamed into
 place) and runs ``onnx.checker`` with the full check. ``check_onnx`` runs it in onnxruntime on CPU
 with graph optimisations off and on, and compares every output against PyTorch: max abs, max rel,
 cosine, the worst output. The tolerance is relative to the output scale:
@@ -32,9 +33,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), tmp, opset_version=opset, dynamo=False,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            try:  # the TorchScript exporter: fast, and opset 17 exactly
+                torch.onnx.export(model, (example,), tmp, opset_version=opset, dynamo=False,
+                                  input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            except Exception:  # ops it cannot express (e.g. adaptive pooling to a non-divisor size)
+                batch = torch.export.Dim("batch", min=1)
+                torch.onnx.export(model, (example,), tmp, opset_version=max(opset, 18), dynamo=True,
+                                  input_names=["input"], output_names=["output"],
+                                  dynamic_shapes=({0: batch},), verbose=False)
         onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
     finally:
