@@ -128,7 +128,7 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
     from safetensors.torch import load_file
 
     from .export import check_onnx
-    from .models import load_model
+    from .models import load_model, load_state_dict_strict
 
     for f in (onnx_file, weights):
         if not Path(f).is_file():
@@ -143,7 +143,7 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
     except Exception as e:
         raise GpdcError(f"{weights} is not a readable safetensors file ({type(e).__name__}).") from None
     try:
-        net.load_state_dict(state, strict=True)
+        load_state_dict_strict(net, state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise GpdcError(f"{weights} does not match {model_ref}: {first} Use the weights written for this model.") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from torch import nn
 
 from .analyze import ChannelAnalysis, Group
 from .fold import fuse_conv_bn
+from .models import load_state_dict_strict
 from .pass_manager import run_passes
 from .param_map import ParamMap
 from .plan import ExpansionPlan, plan_expansion
@@ -53,7 +55,11 @@ class Expansion:
         unknown = (set(params) | set(own)) - set(full)
         if unknown:
             raise AssertionError(f"internal error: folded keys not in the model: {sorted(unknown)[:5]}")
-        return {k: v.detach().clone() for k, v in full.items()} | own | params
+        out = OrderedDict((k, v.detach().clone()) for k, v in full.items())
+        out.update(own)
+        out.update(params)
+        out._metadata = getattr(full, "_metadata", None)  # module versions (e.g. MNASNet checks them on load)
+        return out
 
     def fold(self, fuse_bn: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A plain module of the student's original architecture with the folded weights
@@ -64,10 +70,10 @@ class Expansion:
         sd = self.fold_state_dict() if state_dict is None else state_dict
         if not fuse_bn:
             model = copy.deepcopy(self.source)
-            model.load_state_dict(sd, strict=True)
+            load_state_dict_strict(model, sd)
             return model.eval()
         gm = copy.deepcopy(self.original)
-        gm.load_state_dict({k: v for k, v in sd.items() if k in gm.state_dict()}, strict=True)
+        load_state_dict_strict(gm, {k: v for k, v in sd.items() if k in gm.state_dict()})
         return fuse_conv_bn(gm.eval())
 
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 from torch import nn
 
 from .errors import GpdcError
+
+
+def load_state_dict_strict(model: nn.Module, state: dict) -> None:
+    """``load_state_dict(strict=True)`` for a plain dict (e.g. from safetensors), with the model's own
+    version metadata attached (some modules, like torchvision's MNASNet, refuse a state without it)."""
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
 
 
 def load_model(ref: str, entry: str = "build_model", num_classes: int | None = None) -> nn.Module:

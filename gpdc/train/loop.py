@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from ..errors import GpdcError
 from ..expansion import expand
 from ..export import check_onnx, export_onnx
-from ..models import load_model
+from ..models import load_model, load_state_dict_strict
 from ..spec import Spec, TrainSpec, load_spec
 from . import distributed
 from .data import Data, load_data
@@ -42,7 +42,7 @@ def load_weights(model: nn.Module, path: str, what: str) -> None:
         raise GpdcError(f"{what} weights {path} cannot be read ({type(e).__name__}); give a .safetensors file or a "
                         "torch state_dict saved with torch.save(model.state_dict(), path).") from None
     try:
-        model.load_state_dict(state, strict=True)
+        load_state_dict_strict(model, state)
     except RuntimeError as e:
         raise GpdcError(f"{what} weights {path} do not fit the {what} model: {str(e).splitlines()[0]} "
                         "Pass the weights written for this architecture.") from None
