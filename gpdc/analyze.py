@@ -145,7 +145,7 @@ class ChannelAnalysis:
             if node.op == "output":
                 for lay in _flatten_layouts(self.layout_of(node.args[0])):
                     if isinstance(lay, SplitLayout):
-                        raise RuleError(f"the model output is a tensor whose channel dim is split by a reshape; gpdc cannot widen it.")
+                        raise RuleError("the model output is a tensor whose channel dim is split by a reshape; gpdc cannot widen it.")
                     self.pin(lay, "reaches the model output (logits never widen)")
                 continue
             rule = find_rule(node, self)

@@ -52,7 +52,7 @@ def spec_cmd(schema: bool, path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def expand_cmd(model: str, spec_path: str, entry: str, explain: bool, as_json: bool) -> None:
     """Expand MODEL into its dynamic teacher and check that teacher and student are exact."""
-    from .exactness import check, randomize_bn, reference, set_mode
+    from .exactness import check, reference, set_mode
     from .expansion import expand
     from .models import load_model
     from .spec import load_spec

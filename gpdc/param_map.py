@@ -49,14 +49,6 @@ class ParamSource:
             t = _BalancedScale.apply(t, s.view(shape)) if balanced else t * s.view(shape)
         return t
 
-    def describe(self) -> str:
-        parts = [f"{self.teacher}"]
-        for d, idx in self.index.items():
-            parts.append(f"dim{d}[{len(idx)} of teacher]")
-        for d in self.scale:
-            parts.append(f"scale dim{d}")
-        return " ".join(parts)
-
 
 class ParamMap:
     """Student parameter name -> ParamSource; ``derived`` teacher tensors (e.g. a CBR block's merged

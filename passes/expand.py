@@ -13,7 +13,6 @@ channel reductions see the multiplicities, through their fan-in scale (1/number 
 from __future__ import annotations
 
 import copy as _copy
-import operator
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ from torch import nn
 
 import gpdc
 from gpdc.branch_conv import KINDS, BranchConv2d, branch_kernel
-from gpdc.exactness import check, randomize_bn, reference, set_mode
+from gpdc.exactness import randomize_bn
 
 
 def unmerged(kind: str, block: BranchConv2d, x: torch.Tensor) -> torch.Tensor:

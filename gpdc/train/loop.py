@@ -9,6 +9,7 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 import math
 import os
 import time
@@ -203,7 +204,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                 progress.advance(task)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        swap = ema.swapped(models.params) if ema is not None else _nullcontext()
+        swap = ema.swapped(models.params) if ema is not None else nullcontext()
         with swap:
             student_acc = evaluate(models.student, data, rank, world, device)
             teacher_acc = evaluate(exp.teacher, data, rank, world, device) if exp is not None else None
@@ -228,16 +229,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     return metrics
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 def _finish(out_dir: Path, exp, model, models: Models, ema, data: Data, spec: Spec, export: bool, metrics) -> None:
-    swap = ema.swapped(models.params) if ema is not None else _nullcontext()
+    swap = ema.swapped(models.params) if ema is not None else nullcontext()
     with swap:
         if exp is not None:
             exp.teacher.cpu(), exp.student.cpu()
