@@ -52,7 +52,7 @@ def spec_cmd(schema: bool, path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def expand_cmd(model: str, spec_path: str, entry: str, explain: bool, as_json: bool) -> None:
     """Expand MODEL into its dynamic teacher and check that teacher and student are exact."""
-    from .exactness import check, reference, set_mode
+    from .exactness import check_expansion
     from .expansion import expand
     from .models import load_model
     from .spec import load_spec
@@ -63,12 +63,7 @@ def expand_cmd(model: str, spec_path: str, entry: str, explain: bool, as_json: b
         exp = expand(net, spec)
     torch.manual_seed(0)
     x = torch.randn(*spec.input_shape)
-    checks = {}
-    for norm_train in (False, True):
-        ref, own = reference(exp.original, x, norm_train)
-        for name, cand in (("teacher", exp.teacher), ("student", exp.student)):
-            e = check(set_mode(cand, norm_train), ref, own, x)
-            checks[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok}
+    checks = check_expansion(exp, x)
     report = exp.report() | {"exactness": checks}
     if as_json:
         click.echo(json.dumps(report, indent=2))

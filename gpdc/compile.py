@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import GpdcError
-from .exactness import check, reference, set_mode
+from .exactness import check_expansion
 from .expansion import expand
 from .export import check_onnx, export_onnx
 from .models import load_model
@@ -74,13 +74,7 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
     torch.manual_seed(0)
     x = torch.randn(*spec.input_shape)
     with stage("check_ir"):
-        ir = {}
-        for norm_train in (False, True):
-            ref, own = reference(exp.original, x, norm_train)
-            for name, cand in (("teacher", exp.teacher), ("student", exp.student)):
-                e = check(set_mode(cand, norm_train), ref, own, x)
-                ir[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok}
-            set_mode(exp.teacher, False), set_mode(exp.student, False)
+        ir = check_expansion(exp, x)
     with stage("fold"):
         folded_sd = exp.fold_state_dict()
         folded = exp.fold(state_dict=folded_sd)

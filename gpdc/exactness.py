@@ -83,3 +83,16 @@ def check(candidate, ref: torch.Tensor, own: torch.Tensor, x: torch.Tensor) -> E
     own_err = float((own.double() - ref).abs().max())
     err = float((out - ref).abs().max())
     return Exactness(err, max(1e-5 * max(1.0, scale), 10 * own_err), own_err, scale)
+
+
+def check_expansion(exp, x: torch.Tensor) -> dict[str, dict]:
+    """Teacher and shared student against the original, BN in eval and train mode; both are left in
+    eval mode. Keys like 'teacher/eval', values {error, bound, ok}."""
+    checks = {}
+    for norm_train in (False, True):
+        ref, own = reference(exp.original, x, norm_train)
+        for name, cand in (("teacher", exp.teacher), ("student", exp.student)):
+            e = check(set_mode(cand, norm_train), ref, own, x)
+            checks[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok}
+    set_mode(exp.teacher, False), set_mode(exp.student, False)
+    return checks
