@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .errors import GpdcError
 from .exactness import check_expansion
 from .expansion import expand
@@ -35,17 +36,6 @@ def prepare_out_dir(out: Path) -> Path:
     except OSError as e:
         raise GpdcError(f"cannot write to the output folder {out} ({e.strerror}); pass a writable folder with --out.") from None
     return out
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _tensors(sd: dict) -> dict:
@@ -89,8 +79,8 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
         torch.manual_seed(1)
         eq = check_onnx(onnx_path, folded, torch.randn(*spec.input_shape))
     with stage("write"):
-        _atomic_write(out_dir / "teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
-        _atomic_write(out_dir / "student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
+        atomic_write(out_dir / "teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
+        atomic_write(out_dir / "student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
     report = exp.report() | {
         "model": model_ref,
         "spec": spec.model_dump(),
@@ -101,6 +91,6 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
         "seconds": timings,
         "files": ["teacher.safetensors", "student.safetensors", "student.onnx", "report.json"],
     }
-    _atomic_write(out_dir / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    atomic_write(out_dir / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     report["out"] = str(out_dir)
     return report, exp.log

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from ..atomic import atomic_write
 from ..errors import GpdcError
 from ..expansion import expand
 from ..export import check_onnx, export_onnx
@@ -93,18 +93,6 @@ def evaluate(model: nn.Module, data: Data, rank: int, world: int, device, batch:
     model.train(was)
     c, t = distributed.all_sum([correct, total], device)
     return c / max(t, 1)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_metrics(path: Path, metrics: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    os.replace(tmp, path)
 
 
 def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str | None = None, *,
@@ -213,7 +201,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1)}
         metrics.append(row)
         if rank == 0:
-            _write_metrics(out_dir / "metrics.jsonl", metrics)
+            lines = "".join(json.dumps(m) + "\n" for m in metrics)
+            atomic_write(out_dir / "metrics.jsonl", lambda p: Path(p).write_text(lines))
             state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)}
             if exp is not None:
@@ -222,7 +211,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                 state |= {"model": model.state_dict()}
             if ema is not None:
                 state["ema"] = ema.state_dict()
-            _atomic_save(state, ckpt_path)
+            atomic_write(ckpt_path, lambda p: torch.save(state, p))
     if rank == 0 and last == cfg.epochs:
         _finish(out_dir, exp, model, models, ema, data, spec, export, metrics)
     distributed.barrier()
@@ -237,24 +226,17 @@ def _finish(out_dir: Path, exp, model, models: Models, ema, data: Data, spec: Sp
             folded_sd = exp.fold_state_dict()
             folded = exp.fold(state_dict=folded_sd)
             teacher_sd = {k: v.detach().clone().contiguous() for k, v in exp.teacher.state_dict().items()}
-            _save(teacher_sd, out_dir / "teacher.safetensors")
+            atomic_write(out_dir / "teacher.safetensors", lambda p: save_file(teacher_sd, p))
         else:
             folded = model.cpu().eval()
             folded_sd = folded.state_dict()
-        _save({k: v.detach().clone().contiguous() for k, v in folded_sd.items()}, out_dir / "student.safetensors")
+        student_sd = {k: v.detach().clone().contiguous() for k, v in folded_sd.items()}
+        atomic_write(out_dir / "student.safetensors", lambda p: save_file(student_sd, p))
     report = {"data": data.name, "epochs": len(metrics), "final": metrics[-1] if metrics else None}
     if export:
         x = data.test[0][0].unsqueeze(0).repeat(2, *[1] * data.test[0][0].dim())
         export_onnx(folded, x, out_dir / "student.onnx")
         report["onnx"] = check_onnx(out_dir / "student.onnx", folded, x).as_dict()
-    tmp = out_dir / "report.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "report.json")
+    atomic_write(out_dir / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     if metrics:
         plot_gap(metrics, out_dir / "gap.png")
-
-
-def _save(sd: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp))
-    os.replace(tmp, path)
