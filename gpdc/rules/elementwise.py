@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import RuleError
 from ..layout import Layout
+from .params import follow
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
 
 
@@ -69,7 +70,8 @@ class BinaryRule(Rule):
             if L is None:
                 d = ref.dim - (len(carried[0][0].meta["gpdc.shape"]) - len(shape))
                 if d >= 0 and shape[d] == ref.width and ref.width > 1:
-                    L = an.pinned_layout(node, d, ref.width, f"meets the unwidened tensor '{a.name}' channel for channel")
+                    L = follow(a, ref.with_dim(d), carried[0][0], an) or an.pinned_layout(
+                        node, d, ref.width, f"meets the unwidened tensor '{a.name}' channel for channel")
                 else:
                     continue
             out_dim = L.dim + offset

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
+from .params import follow
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
 
 
@@ -189,10 +190,11 @@ class CatRule(Rule):
                      for L, t in zip(lays, tensors)]
             an.info[node] = {"kind": "channels", "parts": parts}
             return cat_layouts(parts, dim)
-        first = None
+        first, partner = None, next(t for L, t in zip(lays, tensors) if L is not None)
         for L, t in zip(lays, tensors):
             if L is None:
-                L = an.pinned_layout(node, cdim, t.meta["gpdc.shape"][cdim], "concatenated with widened channels")
+                L = follow(t, an.layout_of(partner).with_dim(cdim), partner, an) or an.pinned_layout(
+                    node, cdim, t.meta["gpdc.shape"][cdim], "concatenated with widened channels")
             if first is None:
                 first = L
             else:

@@ -1,0 +1,139 @@
+"""Parameters that follow a channel map: class tokens, position embeddings, layer scales, and the
+affine weights of functional norms (``F.layer_norm(x, s, self.weight, self.bias)``).
+
+Such a tensor is a ``get_attr`` node, possibly reshaped or broadcast on the way (``gamma.view(1, -1,
+1, 1)``, ``cls_token.expand(B, -1, -1)``), that meets widened channels channel for channel. Instead of
+pinning the channels (as an unwidened data tensor would), the parameter takes the layout of the
+tensor it meets: its teacher copy is indexed along the matching dim like that tensor, and the
+student reads the first copies back. Which dim of the parameter carries the channels is found by
+running the chain of ops on a tensor of element indices (no assumption about names or shapes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import RuleError
+from ..layout import Layout
+from .registry import Rule
+
+_CHAIN_METHODS = {"expand", "expand_as", "reshape", "view", "to", "type_as", "contiguous", "unsqueeze", "float",
+                  "clone", "squeeze", "flatten"}
+_CHAIN_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.flatten, torch.squeeze}
+
+
+def _chain_to_param(node: fx.Node):
+    """[get_attr, op, op, ..., node] if ``node`` is computed from one parameter by shape-only ops."""
+    chain = [node]
+    while node.op != "get_attr":
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a.meta.get("gpdc.shape") is not None]
+        ok = (node.op == "call_method" and node.target in _CHAIN_METHODS) or (
+            node.op == "call_function" and node.target in _CHAIN_FUNCTIONS)
+        if not ok or len(tensor_args) != 1 or len(node.users) != 1 and node is not chain[0]:
+            return None
+        node = tensor_args[0]
+        chain.append(node)
+    if len(node.users) != 1:
+        return None
+    return chain[::-1]
+
+
+def _run(node: fx.Node, x: torch.Tensor, an) -> torch.Tensor:
+    def value(a):
+        if isinstance(a, fx.Node):
+            return x if a is node.args[0] else a.meta.get("gpdc.value")
+        if isinstance(a, (list, tuple)):
+            return type(a)(value(v) for v in a)
+        return a
+
+    args, kwargs = value(node.args), {k: value(v) for k, v in node.kwargs.items()}
+    if node.op == "call_method":
+        if node.target in ("to", "type_as", "float"):
+            return x
+        return getattr(x, node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def follow(node: fx.Node, L: Layout, partner: fx.Node, an) -> Layout | None:
+    """Give the parameter-only tensor ``node`` the channels ``L`` (its layout where it meets
+    ``partner``'s channels); None if ``node`` is not such a tensor."""
+    chain = _chain_to_param(node) if isinstance(node, fx.Node) else None
+    if chain is None:
+        return None
+    param = an.gm.get_parameter(chain[0].target) if _is_param(an.gm, chain[0].target) else None
+    if param is None:
+        return None
+    outs = [torch.arange(param.numel()).view(param.shape)]
+    for n in chain[1:]:
+        outs.append(_run(n, outs[-1], an))
+    out = outs[-1]
+    if out.dim() <= L.dim or out.shape[L.dim] != L.width:
+        return None
+    d = next((d for d in range(param.dim()) if _channel_dim(out, param.shape, d, L.width) == L.dim), None)
+    if d is None:
+        return None
+    dims = [_channel_dim(o, param.shape, d, L.width) for o in outs]
+    if any(k is None for k in dims):
+        raise RuleError(f"parameter '{chain[0].target}' meets widened channels, but a reshape on its way mixes its "
+                        "channel dim with other dims; reshape it so the channel dim stays one dim.")
+    for n, k in zip(chain, dims):
+        an.layouts[n] = L.with_dim(k)
+        an.rules[n] = FOLLOW
+        an.info[n] = {}
+    an.info[chain[0]] = {"partner": partner, "dim": d}
+    consumer = next(iter(chain[-1].users))
+    for n in chain:  # after the partner in graph order, so the teacher copy can follow its layout
+        consumer.prepend(n)
+    return L
+
+
+def _channel_dim(out: torch.Tensor, shape, d: int, width: int) -> int | None:
+    """The dim of ``out`` (a tensor of element indices of a parameter of ``shape``) along which the
+    parameter's dim ``d`` runs 0..width-1, with every other dim of ``out`` not touching dim d."""
+    if shape[d] != width:
+        return None
+    coord = torch.as_tensor(np.unravel_index(out.numpy(), tuple(shape))[d])
+    for k in range(out.dim()):
+        if out.shape[k] == width:
+            want = torch.arange(width).view([-1] + [1] * (out.dim() - k - 1))
+            if bool((coord == want).all()):
+                return k
+    return None
+
+
+def _is_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+class FollowRule(Rule):
+    """Expand a following parameter (get_attr) and the shape-only ops applied to it."""
+
+    def analyze(self, node: fx.Node, an):  # layouts are assigned by follow()
+        return an.layouts.get(node)
+
+    def expand(self, node: fx.Node, ex) -> None:
+        if node.op != "get_attr":
+            TI = ex.tl[node.args[0]]
+            ex.emit_copy(node, TI.take(slice(None), dim=ex.an.layouts[node].dim))
+            return
+        info = ex.an.info[node]
+        partner = ex.tl[info["partner"]]
+        L = ex.an.layouts[node]
+        T = partner.take(slice(None), dim=info["dim"])
+        p = ex.gm.get_parameter(node.target)
+        pos = torch.as_tensor(ex.student_pos(L, T))
+        ex.attrs[node.target] = nn.Parameter(p.detach().index_select(info["dim"], pos).clone(), requires_grad=p.requires_grad)
+        ex.param_map.add(node.target, node.target, index={info["dim"]: T.positions_of(ex.keys(L))})
+        ex.env[node] = ex.graph.get_attr(node.target)
+        ex.tl[node] = T
+        ex.log(node, f"parameter follows the channels of '{info['partner'].name}': {L.width}->{T.width} along dim {info['dim']}")
+
+
+FOLLOW = FollowRule()
