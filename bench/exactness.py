@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 import gpdc
-from gpdc.exactness import check, randomize_bn, reference, set_mode
+from gpdc.exactness import check, randomize, reference, set_mode
 
 TRANSFORMERS = ("vit", "swin", "maxvit", "convnext")  # a later issue
 LARGEST = {"regnet_y_128gf"}  # an r = 2 teacher needs > 10 GB; represented by regnet_y_32gf
@@ -36,7 +36,7 @@ def input_size(name: str, size: int) -> int:
 
 def sweep_model(name: str, size: int, ratios=(2.0, 1.5), strategies=("replicate", "grow")) -> dict:
     torch.manual_seed(0)
-    model = randomize_bn(torchvision.models.get_model(name, weights=None, num_classes=10))
+    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
     s = input_size(name, size)
     x = torch.randn(2, 3, s, s)
     refs = {nt: reference(model, x, nt) for nt in (False, True)}

@@ -26,8 +26,11 @@ def set_mode(model: nn.Module, norm_train: bool) -> nn.Module:
     return model
 
 
-def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Random affine parameters and running statistics for every BatchNorm, in place."""
+def randomize(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Random BatchNorm affine parameters and running statistics, and random values for every
+    parameter that is constant at init (zero-initialised heads and biases, LayerNorm weights,
+    1e-6 layer scales, zero class tokens), in place: an exactness test on a model whose
+    residual branches are scaled to ~0 or whose head outputs zeros could not fail."""
     g = generator or torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
@@ -38,6 +41,12 @@ def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> 
                 if m.running_mean is not None:
                     m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                if float(p.flatten()[0]) == 1.0:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import gpdc
 from gpdc.branch_conv import KINDS, BranchConv2d, branch_kernel
-from gpdc.exactness import randomize_bn
+from gpdc.exactness import randomize
 
 
 def unmerged(kind: str, block: BranchConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_branch_structure_and_spec_selection():
 def test_student_reads_the_merged_kernel_after_branch_scales_move():
     import torchvision
 
-    model = randomize_bn(torchvision.models.resnet18(num_classes=5))
+    model = randomize(torchvision.models.resnet18(num_classes=5))
     exp = gpdc.expand(model, {"input_shape": [2, 3, 32, 32], "expand": {"ratio": 1.5}})
     with torch.no_grad():
         for m in exp.teacher.modules():

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 
 import gpdc
-from gpdc.exactness import randomize_bn
+from gpdc.exactness import randomize
 
 
 def run_cli(*args):
@@ -24,7 +24,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("name,strategy", [("resnet18", "replicate"), ("mobilenet_v3_small", "grow"),
                                            ("shufflenet_v2_x0_5", "replicate")])
 def test_fold_equals_student_after_optimizer_steps(name, strategy):
-    model = randomize_bn(torchvision.models.get_model(name, weights=None, num_classes=10))
+    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
     exp = gpdc.expand(model, {"input_shape": [4, 3, 32, 32], "expand": {"ratio": 1.5, "strategy": strategy}})
     opt = torch.optim.SGD(exp.teacher.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import gpdc
-from gpdc.exactness import randomize_bn, set_mode
+from gpdc.exactness import randomize, set_mode
 
 
 @pytest.mark.parametrize("name,strategy,ratio", [
@@ -13,7 +13,7 @@ from gpdc.exactness import randomize_bn, set_mode
     ("shufflenet_v2_x0_5", "grow", 1.5), ("regnet_x_400mf", "replicate", 1.5),
 ])
 def test_student_gradients_reach_teacher(name, strategy, ratio):
-    model = randomize_bn(torchvision.models.get_model(name, weights=None, num_classes=7)).double()
+    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=7)).double()
     exp = gpdc.expand(model, {"input_shape": [4, 3, 32, 32], "expand": {"ratio": ratio, "strategy": strategy}})
     exp.teacher.double()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gpdc
-from gpdc.exactness import check, randomize_bn, reference, set_mode
+from gpdc.exactness import check, randomize, reference, set_mode
 
 BLOCKS = ["conv", "residual", "depthwise", "concat", "squeeze_excite", "grouped", "shuffle", "slice"]
 
@@ -87,7 +87,7 @@ class RandomNet(nn.Module):
 )
 def test_random_nets_are_exact(blocks, width, act, strategy, ratios, default, norm_train):
     torch.manual_seed(0)
-    model = randomize_bn(RandomNet(blocks, width, act))
+    model = randomize(RandomNet(blocks, width, act))
     spec = {"input_shape": [3, 3, 8, 8], "expand": {"ratio": default, "strategy": strategy}}
     groups = gpdc.expand(model, spec).groups
     # one random per-layer ratio for the first layer of each widenable group

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import gpdc
-from gpdc.exactness import check, randomize_bn, reference, set_mode
+from gpdc.exactness import check, randomize, reference, set_mode
 from gpdc.export import check_onnx, export_onnx
 from gpdc.models import load_state_dict_strict
 
@@ -47,7 +47,7 @@ def test_largest_are_represented():
 def test_teacher_and_student_exact_fold_and_onnx(name, tmp_path):
     if name in KNOWN_FAILURES:
         pytest.xfail(KNOWN_FAILURES[name])
-    model = randomize_bn(torchvision.models.get_model(name, weights=None, num_classes=10))
+    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
     s = SIZES.get(name, 32)
     x = torch.randn(2, 3, s, s)
     refs = {nt: reference(model, x, nt) for nt in (False, True)}

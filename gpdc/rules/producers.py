@@ -20,16 +20,19 @@ from ..layout import Layout
 from .registry import Rule, register_module_rule
 
 
-def _dense_weight(ex, w: torch.Tensor, rows_student: np.ndarray, TO, cols_student: np.ndarray, TI) -> torch.Tensor:
-    """Teacher weight [C'_out, C'_in, ...] for a channel-mixing layer, both strategies."""
+def dense_weight(ex, w: torch.Tensor, rows_student: np.ndarray, TO, cols_student: np.ndarray,
+                 colscale: np.ndarray) -> torch.Tensor:
+    """Teacher weight [C'_out, C'_in, ...] for a channel-mixing layer, both strategies: rows and
+    columns copy student rows/columns, columns times their fan-in scale; under grow the rows of
+    new channels are fresh and old rows read only the student's own input channels (scale 0 elsewhere)."""
     w = w.detach()
     rows = torch.as_tensor(rows_student)
     cols = torch.as_tensor(cols_student)
-    colscale = torch.as_tensor(ex.fanin_scale(TI), dtype=w.dtype)
+    colscale = torch.as_tensor(colscale, dtype=w.dtype)
     bshape = [1, -1] + [1] * (w.dim() - 2)
     if ex.strategy == "replicate":
         return w.index_select(0, rows).index_select(1, cols) * colscale.view(bshape)
-    fresh = torch.empty((TO.width, TI.width) + tuple(w.shape[2:]), dtype=w.dtype)
+    fresh = torch.empty((TO.width, len(cols_student)) + tuple(w.shape[2:]), dtype=w.dtype)
     nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
     old_rows = torch.as_tensor(np.nonzero(TO.copy == 0)[0])
     block = w.index_select(0, rows[old_rows]).index_select(1, cols) * colscale.view(bshape)
@@ -89,7 +92,7 @@ class DenseRule(Rule):
             Lout = info["out"]
             TO = ex.canonical(Lout)
             cols = ex.student_pos(L, TI)
-            w = _dense_weight(ex, m.weight, TO.index, TO, cols, TI)
+            w = dense_weight(ex, m.weight, TO.index, TO, cols, ex.fanin_scale(TI))
             params = {"weight": w}
             if has_bias:
                 b = m.bias.detach()[torch.as_tensor(TO.index)].clone()
