@@ -18,6 +18,7 @@ import operator
 import numpy as np
 import torch
 import torch.fx as fx
+import torchvision
 
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
@@ -212,6 +213,27 @@ class CatRule(Rule):
             ex.emit_copy(node, next(ex.tl[t] for t in tensors if ex.tl.get(t) is not None))
 
 
+class SpaceToChannelsRule(Rule):
+    """Ops that gather ``k`` spatial neighbours of a channels-last tensor into ``k`` blocks of its
+    channels (torchvision Swin's fx-wrapped patch-merging gather): block b holds the input's
+    channels at spatial sub-position b, so its layout is the input's with ``sub`` extended by b."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def analyze(self, node: fx.Node, an):
+        L = an.layout_of(node.args[0])
+        if not isinstance(L, Layout) or L.dim != len(node.meta["gpdc.shape"]) - 1:
+            raise RuleError(f"node '{node.name}' gathers spatial neighbours into channels-last blocks; it needs its "
+                            "channels in the last dim.")
+        return cat_layouts([L.take(np.arange(L.width), sub=L.sub * self.k + b) for b in range(self.k)], L.dim)
+
+    def expand(self, node: fx.Node, ex) -> None:
+        TI = ex.tl[node.args[0]]
+        parts = [TI.take(np.arange(TI.width), sub=TI.sub * self.k + b) for b in range(self.k)]
+        ex.emit_copy(node, ex.rekey(cat_teacher(parts, TI.dim)))
+
+
 class ReduceRule(Rule):
     """mean/sum over dims. Over the channel dim, copies are weighted by the fan-in scale so the
     teacher sums each student channel once (and a mean divides by the student's width)."""
@@ -271,6 +293,7 @@ for _f in _MOVE_FUNCTIONS:
 for _cls in (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.ChannelShuffle):
     register_module_rule(_cls, MoveRule())
 register_function_rule(torch.cat, CatRule())
+register_function_rule(torchvision.models.swin_transformer._patch_merging_pad, SpaceToChannelsRule(4))
 register_function_rule(torch.concat, CatRule())
 for _name, _mean in (("mean", True), ("sum", False)):
     register_method_rule(_name, ReduceRule(_mean))
