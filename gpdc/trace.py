@@ -44,13 +44,22 @@ def register_leaf_function(fn: Callable) -> Callable:
     return fn
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's own registry of modules and functions torch.fx must not trace into (when timm is in use)."""
+    fx_features = sys.modules.get("timm.models._features_fx")
+    if fx_features is None:
+        return (), ()
+    return tuple(fx_features.get_notrace_modules()), tuple(fx_features.get_notrace_functions())
+
+
 class GpdcTracer(fx.Tracer):
     """A Tracer that honours the leaf registry and records the owning module of each node."""
 
     def __init__(self, leaf_modules: tuple[type, ...] = (), leaf_functions: tuple[Callable, ...] = ()):
-        fns = tuple(_LEAF_FUNCTIONS) + tuple(leaf_functions)
-        super().__init__(autowrap_functions=fns)
-        self.leaf_types = tuple(_LEAF_MODULES) + tuple(leaf_modules)
+        timm_modules, timm_functions = _timm_notrace()
+        fns = tuple(_LEAF_FUNCTIONS) + tuple(leaf_functions) + timm_functions
+        super().__init__(autowrap_functions=tuple(f for f in fns if callable(f) and hasattr(f, "__name__")))
+        self.leaf_types = tuple(_LEAF_MODULES) + tuple(leaf_modules) + timm_modules
         self._owner: list[str] = [""]
         self.record_stack_traces = True
 

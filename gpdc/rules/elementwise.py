@@ -48,6 +48,32 @@ class ChannelwiseRule(Rule):
             ex.emit_copy(node, ex.tl[node.args[0]])
 
 
+class PadRule(ChannelwiseRule):
+    """``F.pad``: channelwise as long as it pads no channels (e.g. Swin pads H and W of a
+    channels-last tensor)."""
+
+    def analyze(self, node: fx.Node, an):
+        L = super().analyze(node, an)
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+        k = len(node.args[0].meta["gpdc.shape"]) - 1 - L.dim  # pairs count from the last dim
+        if len(pad) > 2 * k and (pad[2 * k] or pad[2 * k + 1] if len(pad) > 2 * k + 1 else pad[2 * k]):
+            raise RuleError(f"node '{node.name}' pads the channel dim; gpdc cannot widen padded channels.")
+        return L
+
+
+class RollRule(ChannelwiseRule):
+    """``torch.roll`` over spatial dims (Swin's shifted windows); rolling channels is refused."""
+
+    def analyze(self, node: fx.Node, an):
+        L = super().analyze(node, an)
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        nd = len(node.args[0].meta["gpdc.shape"])
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or L.dim in [d % nd for d in dims]:
+            raise RuleError(f"node '{node.name}' rolls the channel dim (or the flattened tensor); gpdc cannot widen that.")
+        return L
+
+
 class BinaryRule(Rule):
     """Elementwise ops of several tensors: inputs that carry channels are coupled.
 
@@ -144,7 +170,7 @@ _UNARY_FUNCTIONS = (
 _SPATIAL_FUNCTIONS = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
 )
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "exp", "abs", "sqrt",
@@ -152,7 +178,7 @@ _UNARY_METHODS = (
 )
 _BINARY_FUNCTIONS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.addcmul,
 )
 _BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum")
 
@@ -171,6 +197,8 @@ def register_elementwise(*targets, spatial_only: bool = False) -> None:
 
 register_elementwise(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
 register_elementwise(*_SPATIAL_MODULES, *_SPATIAL_FUNCTIONS, spatial_only=True)
+register_function_rule(F.pad, PadRule())
+register_function_rule(torch.roll, RollRule())
 for _fn in _BINARY_FUNCTIONS:
     register_function_rule(_fn, BinaryRule())
 for _m in _BINARY_METHODS:

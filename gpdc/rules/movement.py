@@ -13,6 +13,7 @@ shuffles (view → transpose → view) and slices need no per-model code. In the
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 
 import numpy as np
@@ -23,6 +24,7 @@ import torchvision
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
+from .shapes import patch_shape
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
 
 
@@ -131,7 +133,7 @@ class MoveRule(Rule):
             outs = [ex.rekey(o) for o in outs]
             if node.op == "call_module":
                 ex.modules[node.target] = ex.clone(ex.an.module(node))
-            args = _patch_shape(node, outs[0], ex) if node.target in ("view", "reshape") or node.target is torch.reshape else None
+            args = patch_shape(node, outs[0], ex) if node.target in ("view", "reshape") or node.target is torch.reshape else None
             ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.an.layouts[node], tuple) else outs[0], args=args)
         else:
             source = info["source"]
@@ -161,19 +163,6 @@ def lay_stride(ex, node):
     L = ex.an.layouts[src]
     shape = src.meta["gpdc.shape"]
     return int(np.prod(shape[L.dim + 1 :], dtype=np.int64)) if L.dim + 1 < len(shape) else 1
-
-
-def _patch_shape(node: fx.Node, TO, ex):
-    """view/reshape args with the channel-dim size replaced by the teacher's (unless it is -1)."""
-    args = list(node.args)
-    shape_args = args[1:]
-    packed = len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple))
-    sizes = list(shape_args[0]) if packed else shape_args
-    d = TO.dim
-    if d < len(sizes) and not (isinstance(sizes[d], int) and sizes[d] == -1):
-        sizes[d] = TO.width
-    new = [ex.arg(args[0])] + ([type(shape_args[0])(ex.arg(sizes))] if packed else list(ex.arg(sizes)))
-    return tuple(new)
 
 
 class CatRule(Rule):
@@ -282,6 +271,27 @@ class ReduceRule(Rule):
         ex.log(node, f"channel reduction weights {TI.width} teacher channels back to {L.width}")
 
 
+class NormReduceRule(ReduceRule):
+    """``x.norm(p, dim)`` over non-channel dims (e.g. ConvNeXt-V2's global response norm); a norm
+    over the channel dim would need the copies weighted inside the power and is refused."""
+
+    def __init__(self):
+        super().__init__(mean=False)
+
+    def _dims(self, node):
+        dims = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        keep = node.kwargs.get("keepdim", node.args[3] if len(node.args) > 3 else False)
+        nd = len(node.args[0].meta["gpdc.shape"])
+        dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        return sorted(d % nd for d in dims), keep
+
+    def analyze(self, node: fx.Node, an):
+        out = super().analyze(node, an)
+        if an.info[node]["kind"] == "channels":
+            raise RuleError(f"node '{node.name}' takes a norm over the channel dim; gpdc supports sums and means there.")
+        return out
+
+
 _MOVE_METHODS = ("view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze",
                  "chunk", "split", "narrow", "unflatten", "movedim", "swapaxes")
 _MOVE_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
@@ -294,8 +304,15 @@ for _cls in (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.ChannelShuffle):
     register_module_rule(_cls, MoveRule())
 register_function_rule(torch.cat, CatRule())
 register_function_rule(torchvision.models.swin_transformer._patch_merging_pad, SpaceToChannelsRule(4))
+if importlib.util.find_spec("timm") is not None:  # timm Swin's fx-wrapped window (un)partitioning
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    register_function_rule(window_partition, MoveRule())
+    register_function_rule(window_reverse, MoveRule())
 register_function_rule(torch.concat, CatRule())
 for _name, _mean in (("mean", True), ("sum", False)):
     register_method_rule(_name, ReduceRule(_mean))
 register_function_rule(torch.mean, ReduceRule(True))
+register_method_rule("norm", NormReduceRule())
+register_function_rule(torch.norm, NormReduceRule())
 register_function_rule(torch.sum, ReduceRule(False))

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import RuleError
 from ..layout import Layout
 from .registry import Rule
+from .shapes import patch_shape
 
 _CHAIN_METHODS = {"expand", "expand_as", "reshape", "view", "to", "type_as", "contiguous", "unsqueeze", "float",
                   "clone", "squeeze", "flatten"}
@@ -84,9 +85,10 @@ def follow(node: fx.Node, L: Layout, partner: fx.Node, an) -> Layout | None:
         an.rules[n] = FOLLOW
         an.info[n] = {}
     an.info[chain[0]] = {"partner": partner, "dim": d}
-    consumer = next(iter(chain[-1].users))
-    for n in chain:  # after the partner in graph order, so the teacher copy can follow its layout
-        consumer.prepend(n)
+    if all(len(n.users) == 1 for n in chain):  # after the partner in graph order, to follow its teacher layout
+        consumer = next(iter(chain[-1].users))
+        for n in chain:
+            consumer.prepend(n)
     return L
 
 
@@ -121,12 +123,17 @@ class FollowRule(Rule):
     def expand(self, node: fx.Node, ex) -> None:
         if node.op != "get_attr":
             TI = ex.tl[node.args[0]]
-            ex.emit_copy(node, TI.take(slice(None), dim=ex.an.layouts[node].dim))
+            TO = TI.take(slice(None), dim=ex.an.layouts[node].dim)
+            reshape = node.target in ("view", "reshape") or node.target is torch.reshape
+            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if reshape else None)
             return
         info = ex.an.info[node]
-        partner = ex.tl[info["partner"]]
         L = ex.an.layouts[node]
-        T = partner.take(slice(None), dim=info["dim"])
+        partner = ex.tl.get(info["partner"])
+        if partner is None and len(L.spaces()) > 1:
+            raise RuleError(f"parameter '{node.target}' follows channels of several spaces but is used before them; "
+                            "use it only after the activation it is combined with.")
+        T = partner.take(slice(None), dim=info["dim"]) if partner is not None else ex.canonical(L.with_dim(info["dim"]))
         p = ex.gm.get_parameter(node.target)
         pos = torch.as_tensor(ex.student_pos(L, T))
         ex.attrs[node.target] = nn.Parameter(p.detach().index_select(info["dim"], pos).clone(), requires_grad=p.requires_grad)

@@ -8,6 +8,7 @@ Under ``grow`` the old outputs read only the old inputs and the new rows are fre
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..errors import RuleError
 from ..layout import Layout
+from ..trace import register_leaf_module
 from .registry import Rule, register_module_rule
 
 
@@ -155,3 +157,7 @@ class DenseRule(Rule):
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
     register_module_rule(_cls, DenseRule())
+if importlib.util.find_spec("timm") is not None:  # timm's Linear subclass calls F.linear: keep it one node
+    from timm.layers import Linear as _TimmLinear
+
+    register_leaf_module(_TimmLinear)
