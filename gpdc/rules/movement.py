@@ -165,6 +165,9 @@ def lay_stride(ex, node):
     return int(np.prod(shape[L.dim + 1 :], dtype=np.int64)) if L.dim + 1 < len(shape) else 1
 
 
+PART_SHIFT = 20  # a concat of two tensors of the same channels tells them apart by sub-position bits
+
+
 class CatRule(Rule):
     def analyze(self, node: fx.Node, an):
         tensors = node.args[0]
@@ -178,7 +181,13 @@ class CatRule(Rule):
         if dim == cdim:
             parts = [L if L is not None else an.pinned_layout(node, dim, t.meta["gpdc.shape"][dim], "concatenated unwidened tensor")
                      for L, t in zip(lays, tensors)]
-            an.info[node] = {"kind": "channels", "parts": parts}
+            offsets, seen = [], set()
+            for k, P in enumerate(parts):  # the same channels twice (two tensors of one coupled space)?
+                keys = set(zip((an.find(int(x)) for x in P.space), P.index.tolist(), P.sub.tolist()))
+                offsets.append(k << PART_SHIFT if keys & seen else 0)
+                seen |= keys
+            parts = [P.take(np.arange(P.width), sub=P.sub + o) if o else P for P, o in zip(parts, offsets)]
+            an.info[node] = {"kind": "channels", "parts": parts, "offsets": offsets}
             return cat_layouts(parts, dim)
         first, partner = None, next(t for L, t in zip(lays, tensors) if L is not None)
         for L, t in zip(lays, tensors):
@@ -197,7 +206,8 @@ class CatRule(Rule):
         tensors = node.args[0]
         if info["kind"] == "channels":
             TIs = [ex.tin(t, L) for t, L in zip(tensors, info["parts"])]
-            ex.emit_copy(node, cat_teacher(TIs, TIs[0].dim))
+            TIs = [T.take(np.arange(T.width), sub=T.sub + o) if o else T for T, o in zip(TIs, info["offsets"])]
+            ex.emit_copy(node, ex.rekey(cat_teacher(TIs, TIs[0].dim)))
         else:
             ex.emit_copy(node, next(ex.tl[t] for t in tensors if ex.tl.get(t) is not None))
 

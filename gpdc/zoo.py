@@ -1,0 +1,70 @@
+"""The model zoo gpdc is checked against: every torchvision classification model and a list of timm
+models across families, built with random weights at small input sizes (shared by the zoo tests and
+``bench/zoo.py``), and the models known not to work, with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# timm models across families; the zoo sweep must pass >= 90% of them (issue 5)
+TIMM = [
+    "resnet18", "resnet50d", "seresnet50", "resnetv2_50x1_bit", "densenet121", "dla34", "hrnet_w18_small",
+    "repvgg_a0", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0", "mobilenetv2_100",
+    "mnasnet_100", "mobilenetv3_small_100", "mobilenetv3_large_100", "lcnet_050", "regnetx_002", "regnety_002",
+    "convnext_atto", "convnext_nano", "convnextv2_atto", "poolformer_s12", "deit_tiny_patch16_224",
+    "deit_small_patch16_224", "deit3_small_patch16_224", "vit_tiny_patch16_224", "vit_small_patch16_224",
+    "pit_ti_224", "mixer_s16_224", "resmlp_12_224", "swin_tiny_patch4_window7_224", "levit_128s",
+    "efficientvit_b0", "ghostnet_100",
+]
+
+# "source:name" -> why it fails; listed in the README as well
+KNOWN_FAILURES: dict[str, str] = {
+    "timm:swin_tiny_patch4_window7_224": "patch merging is a channels-last space-to-depth written as "
+    "reshape(B, H/2, 2, W/2, 2, C) + permute + flatten; the layout tags encode only dims after the channel dim, "
+    "so the merged spatial sub-positions are not told apart (torchvision's Swin, which gathers with slices, works)",
+    "timm:levit_128s": "attention reshapes q/k/v with reshape_as and splits heads of unequal key/value sizes "
+    "inside a traced module; no rule for that pattern",
+    "timm:efficientvit_b0": "LiteMLA (linear attention with multi-scale aggregation) is a timm leaf module without "
+    "a gpdc rule",
+    "timm:ghostnet_100": "the ghost module adds a concat of two convs' outputs, sliced, to a residual: coupling a "
+    "concatenated/sliced layout to one space is not supported (channel spaces couple as wholes)",
+}
+
+# torchvision models with a fixed minimum input size or patch grid
+_TV_SIZES = {"alexnet": 64, "inception_v3": 80, "vit_h_14": 28, "maxvit_t": 224}
+_TV_PREFIX_SIZES = {"swin": 64}
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def all_refs() -> list[str]:
+    return [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in TIMM]
+
+
+def build(ref: str, num_classes: int = 10) -> tuple[nn.Module, int]:
+    """(model with random weights, square input size) for ``source:name``."""
+    source, name = ref.split(":", 1)
+    if source == "torchvision":
+        import torchvision
+
+        size = _TV_SIZES.get(name) or next((s for p, s in _TV_PREFIX_SIZES.items() if name.startswith(p)), 32)
+        kwargs = {"image_size": size} if name.startswith("vit_") else {}
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs), size
+    import timm
+
+    try:  # transformers take the input size at construction
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=64), 64
+    except TypeError:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, 64, 64))
+        return model, 64
+    except Exception:
+        return model, model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
