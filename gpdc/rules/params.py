@@ -37,8 +37,6 @@ def _chain_to_param(node: fx.Node):
             return None
         node = tensor_args[0]
         chain.append(node)
-    if len(node.users) != 1:
-        return None
     return chain[::-1]
 
 
@@ -80,11 +78,18 @@ def follow(node: fx.Node, L: Layout, partner: fx.Node, an) -> Layout | None:
     if any(k is None for k in dims):
         raise RuleError(f"parameter '{chain[0].target}' meets widened channels, but a reshape on its way mixes its "
                         "channel dim with other dims; reshape it so the channel dim stays one dim.")
+    first = an.info.get(chain[0], {}).get("partner")
+    if first is not None:  # a parameter used twice: both uses must see the same channels
+        if an.info[chain[0]]["dim"] != d:
+            raise RuleError(f"parameter '{chain[0].target}' meets widened channels along two different dims.")
+        an.couple(an.layouts[chain[0]], L.with_dim(d), partner)
     for n, k in zip(chain, dims):
-        an.layouts[n] = L.with_dim(k)
-        an.rules[n] = FOLLOW
-        an.info[n] = {}
-    an.info[chain[0]] = {"partner": partner, "dim": d}
+        if n not in an.info:
+            an.layouts[n] = L.with_dim(k)
+            an.rules[n] = FOLLOW
+            an.info[n] = {}
+    if first is None:
+        an.info[chain[0]] = {"partner": partner, "dim": d}
     if all(len(n.users) == 1 for n in chain):  # after the partner in graph order, to follow its teacher layout
         consumer = next(iter(chain[-1].users))
         for n in chain:
