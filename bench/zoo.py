@@ -7,7 +7,7 @@ norms in eval and train mode; ``max_rel_error`` = max |error| / max |ref|), the 
 the shared one after a strict load into a fresh instance, and its ONNX file equal in onnxruntime.
 Each model runs in its own process (memory, time limit). Writes bench/results/zoo.json.
 
-    python bench/zoo.py [--only resnet18,timm:deit_tiny_patch16_224] [--timeout 1200]
+    python bench/zoo.py [--only resnet18,timm:deit_tiny_patch16_224] [--timeout 1800] [--resume]
     python bench/zoo.py --table      # the README table from the results
 """
 
@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="skip models already in the results")
     ap.add_argument("--worker")
     ap.add_argument("--result")
     args = ap.parse_args()
@@ -153,7 +154,9 @@ def main() -> None:
         return
     from gpdc.zoo import all_refs
 
-    refs = all_refs()
+    refs = sorted(all_refs(), key=lambda r: r in LARGE)  # the largest last: they need the machine to themselves
+    if args.resume:
+        refs = [r for r in refs if r not in results]
     if args.only:
         want = [w if ":" in w else f"torchvision:{w}" for w in args.only.split(",")]
         refs = [r for r in refs if r in want]

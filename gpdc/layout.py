@@ -123,20 +123,29 @@ def cat_teacher(parts: list[TeacherLayout], dim: int) -> TeacherLayout:
 
 
 def encode_tags(layout: Layout, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    """A tag tensor of ``shape``: position-along-dim * stride + flat index over the trailing dims."""
+    """A tag tensor of ``shape``: ``(lead · C + position) · stride + trailing``, where ``position`` runs
+    along the channel dim, ``trailing`` is the flat index over the dims after it and ``lead`` the flat
+    index over the dims between the batch dim and it (channels-last tensors)."""
     d = layout.dim
+    C = shape[d]
     stride = int(np.prod(shape[d + 1 :], dtype=np.int64)) if d + 1 < len(shape) else 1
-    pos = torch.arange(shape[d], dtype=torch.int64).view([-1] + [1] * (len(shape) - d - 1)) * stride
+    pos = torch.arange(C, dtype=torch.int64).view([-1] + [1] * (len(shape) - d - 1)) * stride
     trailing = torch.arange(stride, dtype=torch.int64).view(shape[d + 1 :]) if stride > 1 else torch.zeros((), dtype=torch.int64)
     tags = (pos + trailing).expand(shape[d:])
+    if d >= 2:
+        lead = torch.arange(int(np.prod(shape[1:d])), dtype=torch.int64).view(shape[1:d] + (1,) * (len(shape) - d))
+        tags = lead * (C * stride) + tags
     return tags.expand(shape).contiguous(), stride
 
 
-def decode_tags(tags: torch.Tensor, stride: int):
-    """From a tag tensor after reshapes: (dim, positions, spatial) if the source positions vary along one
-    dim only, else None (the channel dim is still split across several dims)."""
-    pos = tags // stride
+def decode_tags(tags: torch.Tensor, stride: int, width: int):
+    """From a tag tensor after reshapes: ``(dim, positions, spatial, lead)`` if the source positions vary
+    along one dim only, else None (the channel dim is still split across several dims). ``spatial``
+    (trailing-dim offsets) and ``lead`` (leading-dim offsets, relative to the line's first) are None
+    unless they vary along that dim, i.e. unless the op merged other dims into the channel dim."""
+    pos = (tags // stride) % width
     spatial = tags % stride
+    lead = tags // (stride * width)
     varying = [k for k in range(tags.dim()) if tags.shape[k] > 1 and not bool((pos == pos.narrow(k, 0, 1)).all())]
     if len(varying) != 1:
         return None
@@ -145,5 +154,7 @@ def decode_tags(tags: torch.Tensor, stride: int):
     index[d] = slice(None)
     line_pos = pos[tuple(index)].numpy().astype(np.int64)
     line_sub = spatial[tuple(index)].numpy().astype(np.int64)
+    line_lead = lead[tuple(index)].numpy().astype(np.int64)
     spatial_along_d = tags.shape[d] > 1 and not bool((spatial == spatial.narrow(d, 0, 1)).all())
-    return d, line_pos, (line_sub if spatial_along_d else None)
+    lead_along_d = tags.shape[d] > 1 and not bool((lead == lead.narrow(d, 0, 1)).all())
+    return d, line_pos, (line_sub if spatial_along_d else None), (line_lead - line_lead.min() if lead_along_d else None)

@@ -21,9 +21,6 @@ TIMM = [
 
 # "source:name" -> why it fails; listed in the README as well
 KNOWN_FAILURES: dict[str, str] = {
-    "timm:swin_tiny_patch4_window7_224": "patch merging is a channels-last space-to-depth written as "
-    "reshape(B, H/2, 2, W/2, 2, C) + permute + flatten; the layout tags encode only dims after the channel dim, "
-    "so the merged spatial sub-positions are not told apart (torchvision's Swin, which gathers with slices, works)",
     "timm:levit_128s": "attention reshapes q/k/v with reshape_as and splits heads of unequal key/value sizes "
     "inside a traced module; no rule for that pattern",
     "timm:efficientvit_b0": "LiteMLA (linear attention with multi-scale aggregation) is a timm leaf module without "

@@ -1,73 +1,72 @@
-"""Every torchvision classification CNN through the whole compile pipeline (branches on).
+"""A deterministic sample of the zoo through the whole compile pipeline (branches on).
 
-Teacher and shared student exact (DESIGN.md §4) — each model runs two of the four (ratio,
-strategy) cases, alternating by position in the list so every family sees all four, BN in eval and
-in train mode each time; ``bench/exactness.py`` runs the full matrix. For both cases the folded
-student equals the shared student and loads strict into a fresh instance of the torchvision
-class; for the ratio-1.5 case its ONNX file matches PyTorch in onnxruntime. The largest variants are
-represented by their family's smaller members (LARGEST).
+Every torchvision family is represented by one or two members (SAMPLE; the transformer families
+are in test_transformers.py with the full case matrix) and every model of the timm list runs
+(`gpdc.zoo.TIMM`, small inputs); ``bench/zoo.py`` sweeps every torchvision model. Each model runs two
+of the four (ratio, strategy) cases, alternating by position so every family sees all four, with
+teacher and shared student exact (DESIGN.md §4, norms in eval and in train mode); the folded student
+equals the shared student after a strict load into a fresh instance, and its ONNX file matches
+PyTorch in onnxruntime.
 """
+
+import re
 
 import pytest
 import torch
-import torchvision
 
 import gpdc
 from gpdc.exactness import check, randomize, reference, set_mode
 from gpdc.export import check_onnx, export_onnx
 from gpdc.models import load_state_dict_strict
+from gpdc.zoo import KNOWN_FAILURES, TIMM, build, torchvision_names
 
-TRANSFORMERS = ("vit", "swin", "maxvit", "convnext")  # the transformer issue covers these
-# represented in tests by smaller members of the same family (a CPU test must stay fast):
-LARGEST = {
-    "regnet_y_128gf": "regnet_y_8gf", "regnet_y_32gf": "regnet_y_8gf", "regnet_y_16gf": "regnet_y_8gf",
-    "regnet_x_32gf": "regnet_x_8gf", "regnet_x_16gf": "regnet_x_8gf",
-    "efficientnet_b5": "efficientnet_b4", "efficientnet_b6": "efficientnet_b4", "efficientnet_b7": "efficientnet_b4",
-    "efficientnet_v2_m": "efficientnet_v2_s", "efficientnet_v2_l": "efficientnet_v2_s",
-    "resnet152": "resnet101", "wide_resnet101_2": "wide_resnet50_2",
-    "resnext101_32x8d": "resnext50_32x4d", "resnext101_64x4d": "resnext50_32x4d",
-    "vgg13": "vgg11", "vgg16": "vgg11", "vgg19": "vgg11", "vgg13_bn": "vgg11_bn", "vgg16_bn": "vgg11_bn",
-    "vgg19_bn": "vgg11_bn",
-}
-KNOWN_FAILURES: dict[str, str] = {}  # model name -> reason; the aim is an empty table
-SIZES = {"alexnet": 64, "inception_v3": 80}
+SAMPLE = [
+    "alexnet", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3", "mnasnet0_75",
+    "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50",
+    "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_v2_t", "vgg11_bn", "wide_resnet50_2",
+]
+IN_TRANSFORMER_TESTS = ("vit_b_16", "swin_t", "maxvit_t", "convnext_tiny")
+REFS = [f"torchvision:{n}" for n in SAMPLE] + [f"timm:{n}" for n in TIMM]
 CASES = [(2.0, "replicate"), (1.5, "grow"), (2.0, "grow"), (1.5, "replicate")]
 
-NAMES = [n for n in torchvision.models.list_models(module=torchvision.models)
-         if not n.startswith(TRANSFORMERS) and n not in LARGEST]
+
+def family(name: str) -> str:
+    return re.sub(r"[\d_].*$", "", name)
 
 
-def test_largest_are_represented():
-    for big, small in LARGEST.items():
-        assert small in NAMES, f"{big} must be represented by a tested model, {small} is not tested"
+def test_every_torchvision_family_is_sampled():
+    covered = {family(n) for n in SAMPLE + list(IN_TRANSFORMER_TESTS)}
+    missing = sorted({family(n) for n in torchvision_names()} - covered)
+    assert not missing, f"torchvision families without a zoo test: {missing}"
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", NAMES)
-def test_teacher_and_student_exact_fold_and_onnx(name, tmp_path):
-    if name in KNOWN_FAILURES:
-        pytest.xfail(KNOWN_FAILURES[name])
-    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10))
-    s = SIZES.get(name, 32)
+@pytest.mark.parametrize("ref", REFS)
+def test_exact_fold_and_onnx(ref, tmp_path):
+    if ref in KNOWN_FAILURES:
+        with pytest.raises(gpdc.GpdcError):  # a known failure must fail cleanly, and must not start passing unseen
+            model, s = build(ref)
+            gpdc.expand(model, {"input_shape": [2, 3, s, s], "expand": {"ratio": 2.0}})
+        return
+    torch.manual_seed(0)
+    model, s = build(ref)
+    randomize(model.eval())
     x = torch.randn(2, 3, s, s)
     refs = {nt: reference(model, x, nt) for nt in (False, True)}
-    i = NAMES.index(name) % 2
+    i = REFS.index(ref) % 2
     for ratio, strategy in CASES[2 * i: 2 * i + 2]:
         exp = gpdc.expand(model, {"input_shape": [2, 3, s, s], "expand": {"ratio": ratio, "strategy": strategy}})
         widened = [g for g in exp.groups if not g.pinned]
         assert widened and all(g.teacher_width > g.width for g in widened if g.width >= 4)
-        for nt, (ref, own) in refs.items():
+        for nt, (r, own) in refs.items():
             for which, cand in (("teacher", exp.teacher), ("student", exp.student)):
-                e = check(set_mode(cand, nt), ref, own, x)
-                assert e.ok, f"{name} r={ratio} {strategy} bn-train={nt} {which}: error {e.error:.3g} > bound {e.bound:.3g}"
-        fresh = torchvision.models.get_model(name, weights=None, num_classes=10)
-        load_state_dict_strict(fresh, dict(exp.fold_state_dict()))  # as from student.safetensors
-        fresh.eval()
-        with torch.no_grad():
-            a, b = set_mode(exp.student, False)(x), fresh(x)
-        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max())), f"{name}: fold differs"
-        if ratio != 1.5:
-            continue  # ONNX once per model (the folded architecture is the same at every ratio)
-        path = export_onnx(fresh, x, tmp_path / "student.onnx")
-        eq = check_onnx(path, fresh, torch.randn(3, 3, s, s))
-        assert eq.ok, f"{name}: onnx {eq}"
+                e = check(set_mode(cand, nt), r, own, x)
+                assert e.ok, f"{ref} r={ratio} {strategy} norm-train={nt} {which}: error {e.error:.3g} > bound {e.bound:.3g}"
+    fresh, _ = build(ref)
+    load_state_dict_strict(fresh, dict(exp.fold_state_dict()))  # as from student.safetensors
+    fresh.eval()
+    with torch.no_grad():
+        a, b = set_mode(exp.student, False)(x), fresh(x)
+    assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max())), f"{ref}: fold differs"
+    eq = check_onnx(export_onnx(fresh, x, tmp_path / "student.onnx"), fresh, torch.randn(3, 3, s, s))
+    assert eq.ok, f"{ref}: onnx {eq}"

@@ -69,12 +69,21 @@ class MoveRule(Rule):
             return None
         lays, kinds = [], []
         for t in parts:
-            dec = decode_tags(t, stride)
+            dec = decode_tags(t, stride, source.width)
             if dec is None:
                 lays.append(SplitLayout(source_node, source, stride, t))
                 kinds.append("split")
                 continue
-            d, pos, sub = dec
+            d, pos, sub, lead = dec
+            if lead is not None:  # leading (channels-last spatial) dims merged into the channel dim
+                k = len(pos) // max(source.width, 1)
+                if sub is not None or source_node is not src or not _tiled(pos, lead, source.width):
+                    raise RuleError(f"node '{node.name}' merges spatial dims into a channels-last channel dim in an "
+                                    "order gpdc cannot follow; merge whole channel blocks (space-to-depth) instead.")
+                block = np.repeat(np.arange(k), source.width)
+                lays.append(source.take(pos, dim=d, sub=source.sub[pos] * k + block))
+                kinds.append(("tiled", k))
+                continue
             new_sub = source.sub[pos] * stride + sub if sub is not None else source.sub[pos]
             lays.append(source.take(pos, dim=d, sub=new_sub))
             kinds.append(self._classify(source_node is src, source, pos, sub))
@@ -83,7 +92,11 @@ class MoveRule(Rule):
                 raise RuleError(f"node '{node.name}' splits the channel dim over several dims and several outputs.")
             an.info[node] = {"kind": "split"}
             return lays[0]
-        if all(k[0] == "natural" for k in kinds):
+        if any(k[0] == "tiled" for k in kinds):
+            if len(kinds) > 1:
+                raise RuleError(f"node '{node.name}' merges spatial dims into channels and has several outputs.")
+            an.info[node] = {"kind": "tiled", "blocks": kinds[0][1]}
+        elif all(k[0] == "natural" for k in kinds):
             an.info[node] = {"kind": "natural", "repeat": [k[1] for k in kinds], "sub": [k[2] for k in kinds]}
         else:
             for lay in lays:
@@ -120,6 +133,13 @@ class MoveRule(Rule):
         elif kind == "split":
             ex.env[node] = None  # not emitted: the merge that follows selects from the source
             ex.tl[node] = None
+        elif kind == "tiled":  # space-to-depth, channels last: k blocks of all the input's channels
+            TI, k = ex.tl[node.args[0]], info["blocks"]
+            lay = ex.an.layouts[node]
+            TO = ex.rekey(cat_teacher([TI.take(np.arange(TI.width), dim=lay.dim, sub=TI.sub * k + b, keys=None)
+                                       for b in range(k)], lay.dim))
+            reshape = node.target in ("view", "reshape") or node.target is torch.reshape
+            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if reshape else None)
         elif kind == "natural":
             TI = ex.tl[node.args[0]]
             outs = []
@@ -155,6 +175,16 @@ class MoveRule(Rule):
                 ex.env[node] = ex.index_select(node, x, TS.dim, idxs[0])
                 ex.tl[node] = outs[0]
                 ex.log(node, f"channel rearrangement as index_select of {len(idxs[0])} channels from '{source.name}'")
+
+
+def _tiled(pos: np.ndarray, lead: np.ndarray, width: int) -> bool:
+    """Whole blocks of all ``width`` channels in order, each block from one spatial neighbour."""
+    if width == 0 or len(pos) % width:
+        return False
+    k = len(pos) // width
+    blocks = lead.reshape(k, width)
+    return np.array_equal(pos, np.tile(np.arange(width), k)) and bool((blocks == blocks[:, :1]).all()) \
+        and len(np.unique(blocks[:, 0])) == k
 
 
 def lay_stride(ex, node):
