@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analyze import ChannelAnalysis, Group
-from .errors import SpecError
+from .errors import RuleError, SpecError
 from .spec import Spec, match_layer
 
 
@@ -104,7 +104,20 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
         if g.teacher_width is None:
             g.teacher_width = teacher_width(g.width, g.ratio, g.quantum)
         maps[g.id] = ChannelMap.build(g.width, g.teacher_width, g.quantum)
+    if not any(g.teacher_width > g.width for g in groups):
+        raise RuleError(_nothing_widens(an))
     return ExpansionPlan(groups, maps, group_of_root, spec.expand.strategy)
+
+
+def _nothing_widens(an: ChannelAnalysis) -> str:
+    functional = [n for n in an.gm.graph.nodes if n.op == "call_function"
+                  and getattr(n.target, "__name__", "") in ("conv1d", "conv2d", "conv3d", "linear")]
+    why = (f" The model computes {functional[0].target.__name__} functionally at node '{functional[0].name}' (in "
+           f"'{functional[0].meta.get('gpdc.scope', '')}'), e.g. with standardised weights; gpdc widens Conv/Linear "
+           "modules and layers with a registered rule only." if functional else "")
+    return ("no channel group of this model can widen: every layer's channels are pinned (they reach the logits or "
+            f"meet the data input) or come from ops gpdc has no producer rule for.{why} Register a rule for the "
+            "layer type (gpdc.register_module_rule) to widen it.")
 
 
 def _path_between(an: ChannelAnalysis, g: Group, layer1: str, layer2: str) -> str:
