@@ -16,7 +16,8 @@ TIMM = [
     "convnext_atto", "convnext_nano", "convnextv2_atto", "poolformer_s12", "deit_tiny_patch16_224",
     "deit_small_patch16_224", "deit3_small_patch16_224", "vit_tiny_patch16_224", "vit_small_patch16_224",
     "pit_ti_224", "mixer_s16_224", "resmlp_12_224", "swin_tiny_patch4_window7_224", "levit_128s",
-    "efficientvit_b0", "ghostnet_100",
+    "efficientvit_b0", "ghostnet_100", "resnet34", "efficientnet_b1", "regnetx_004", "convnext_pico", "tinynet_a",
+    "fbnetc_100", "semnasnet_100", "spnasnet_100", "ese_vovnet19b_dw", "selecsls42b", "vit_base_patch16_224",
 ]
 
 # "source:name" -> why it fails; listed in the README as well
