@@ -7,7 +7,7 @@ norms in eval and train mode; ``max_rel_error`` = max |error| / max |ref|), the 
 the shared one after a strict load into a fresh instance, and its ONNX file equal in onnxruntime.
 Each model runs in its own process (memory, time limit). Writes bench/results/zoo.json.
 
-    python bench/zoo.py [--only resnet18,timm:deit_tiny_patch16_224] [--timeout 1800] [--resume]
+    python bench/zoo.py [--only resnet18,timm:deit_tiny_patch16_224] [--timeout 1800] [--resume] [--jobs 2]
     python bench/zoo.py --table      # the README table from the results
 """
 
@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -141,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (one process each)")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--resume", action="store_true", help="skip models already in the results")
     ap.add_argument("--worker")
@@ -154,19 +156,26 @@ def main() -> None:
         return
     from gpdc.zoo import all_refs
 
-    refs = sorted(all_refs(), key=lambda r: r in LARGE)  # the largest last: they need the machine to themselves
+    refs = all_refs()
     if args.resume:
         refs = [r for r in refs if r not in results]
     if args.only:
         want = [w if ":" in w else f"torchvision:{w}" for w in args.only.split(",")]
         refs = [r for r in refs if r in want]
     print(f"{'model':44s} {'pass':>5s} {'err/bound':>10s} {'seconds':>8s}")
-    for ref in refs:
-        row = run_one(ref, args.timeout)
-        results[ref] = row
-        save(results)
-        print(f"{ref:44s} {str(row.get('pass')):>5s} {row.get('worst_error_over_bound', float('nan')):10.3g} "
-              f"{row.get('seconds', 0):8.1f} {row.get('error', '')[:120]}", flush=True)
+    small, large = [r for r in refs if r not in LARGE], [r for r in refs if r in LARGE]
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the worker processes
+        for ref, row in zip(small, pool.map(lambda r: run_one(r, args.timeout), small)):
+            record(results, ref, row)
+    for ref in large:  # alone: they need most of the memory
+        record(results, ref, run_one(ref, args.timeout))
+
+
+def record(results: dict, ref: str, row: dict) -> None:
+    results[ref] = row
+    save(results)
+    print(f"{ref:44s} {str(row.get('pass')):>5s} {row.get('worst_error_over_bound', float('nan')):10.3g} "
+          f"{row.get('seconds', 0):8.1f} {row.get('error', '')[:120]}", flush=True)
 
 
 if __name__ == "__main__":
