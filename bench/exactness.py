@@ -1,4 +1,5 @@
-"""Exactness sweep over the torchvision classification CNNs (DESIGN.md §4).
+"""Exactness sweep over the torchvision classification CNNs (DESIGN.md §4); the transformers run the
+same matrix in tests/test_transformers.py and every model runs in bench/zoo.py.
 
 For each model (random weights, randomised BN statistics), ratios 2 and 1.5, both strategies,
 BN in eval and train mode: the worst error/bound ratio of teacher and shared student (<= 1 is
@@ -21,7 +22,7 @@ import torchvision
 import gpdc
 from gpdc.exactness import check, randomize, reference, set_mode
 
-TRANSFORMERS = ("vit", "swin", "maxvit", "convnext")  # a later issue
+TRANSFORMERS = ("vit", "swin", "maxvit", "convnext")  # full matrix in tests/test_transformers.py; zoo sweep: bench/zoo.py
 LARGEST = {"regnet_y_128gf"}  # an r = 2 teacher needs > 10 GB; represented by regnet_y_32gf
 
 

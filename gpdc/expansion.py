@@ -15,8 +15,8 @@ from torch import nn
 from .analyze import ChannelAnalysis, Group
 from .fold import fuse_conv_bn
 from .models import load_state_dict_strict
-from .pass_manager import run_passes
 from .param_map import ParamMap
+from .pass_manager import run_passes
 from .plan import ExpansionPlan, plan_expansion
 from .spec import Spec, load_spec
 from .student import SharedStudent

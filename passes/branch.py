@@ -14,8 +14,8 @@ import torch.fx as fx
 from torch import nn
 
 from gpdc.branch_conv import BranchConv2d, MergedKernel, applicable_kinds
-from gpdc.pass_manager import Pass, PassResult
 from gpdc.param_map import ParamMap
+from gpdc.pass_manager import Pass, PassResult
 from gpdc.spec import BranchSpec
 
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from gpdc.analyze import ChannelAnalysis
 from gpdc.layout import SUB_BITS, Layout, TeacherLayout
-from gpdc.pass_manager import Pass, PassResult
 from gpdc.param_map import ParamMap
+from gpdc.pass_manager import Pass, PassResult
 from gpdc.plan import ExpansionPlan
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import gpdc
 from gpdc.spec import TrainSpec
-from gpdc.train.losses import dkd, hinton_kd, soft_cross_entropy
 from gpdc.train.loop import train
+from gpdc.train.losses import dkd, hinton_kd, soft_cross_entropy
 from gpdc.train.step import Models, train_step
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,6 +21,7 @@ from gpdc.export import check_onnx, export_onnx
 from gpdc.models import load_state_dict_strict
 from gpdc.zoo import KNOWN_FAILURES, TIMM, build, torchvision_names
 
+
 def family(name: str) -> str:
     return re.sub(r"[\d_].*$", "", name)
 

@@ -101,8 +101,6 @@ class AttentionRule(Rule):
     """Base of the per-class attention rules: input channels in the last dim, output a new space
     of ``out_features(m)`` channels (the output projection), heads tied to the input width."""
 
-    parts = 3  # q, k, v in one projection
-
     def head_dim(self, m) -> int:
         return m.head_dim
 
@@ -153,7 +151,6 @@ class AttentionRule(Rule):
     def per_head(ex, name: str, p: torch.Tensor, dim: int, heads: _Heads) -> torch.Tensor:
         ex.share(*name.rsplit(".", 1), index={dim: np.arange(heads.heads)})
         return p.detach().index_select(dim, torch.as_tensor(heads.src))
-
 
 
 class TorchMultiheadAttentionRule(AttentionRule):

@@ -24,8 +24,8 @@ import torchvision
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
-from .shapes import patch_shape
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
+from .shapes import patch_shape
 
 
 def _value(a, src, tags):

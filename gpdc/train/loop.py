@@ -9,9 +9,9 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
