@@ -1,16 +1,13 @@
 """A deterministic sample of the zoo through the whole compile pipeline (branches on).
 
-Every torchvision family is represented by one or two members (SAMPLE; the transformer families
-are in test_transformers.py with the full case matrix) and every family of the timm list
-(`gpdc.zoo.TIMM`, small inputs) is represented by the first listed member of its family (TIMM_SAMPLE);
-``bench/zoo.py`` sweeps every model of both. Each torchvision model runs two of the four (ratio,
+Every family of torchvision's classification models and of the timm list (`gpdc.zoo.TIMM`) is
+represented by one or two members (a family is the module that defines the model; the transformer
+families run the full case matrix in test_transformers.py); ``bench/zoo.py`` sweeps every model. Each torchvision model runs two of the four (ratio,
 strategy) cases and each timm model one, alternating by position so all four are covered, with
 teacher and shared student exact (DESIGN.md §4, norms in eval and in train mode); the folded student
 equals the shared student after a strict load into a fresh instance, and its ONNX file matches
 PyTorch in onnxruntime.
 """
-
-import re
 
 import pytest
 import torch
@@ -21,33 +18,40 @@ from gpdc.export import check_onnx, export_onnx
 from gpdc.models import load_state_dict_strict
 from gpdc.zoo import KNOWN_FAILURES, TIMM, build, torchvision_names
 
-
-def family(name: str) -> str:
-    return re.sub(r"[\d_].*$", "", name)
-
-
-SAMPLE = [
+# one or two members per family (a family = the torchvision/timm module that defines the model); the
+# transformer families run the full case matrix in test_transformers.py
+TORCHVISION_SAMPLE = [
     "alexnet", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3", "mnasnet0_75",
-    "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50",
-    "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_v2_t", "vgg11_bn", "wide_resnet50_2",
+    "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnext50_32x4d",
+    "shufflenet_v2_x0_5", "squeezenet1_1", "swin_v2_t", "vgg11_bn",
 ]
-IN_TRANSFORMER_TESTS = ("vit_b_16", "swin_t", "maxvit_t", "convnext_tiny")
-def first_of_each_family(names: list[str]) -> list[str]:
-    firsts: dict[str, str] = {}
-    for n in names:
-        firsts.setdefault(family(n), n)
-    return list(firsts.values())
-
-
-TIMM_SAMPLE = first_of_each_family(TIMM)
-REFS = [f"torchvision:{n}" for n in SAMPLE] + [f"timm:{n}" for n in TIMM_SAMPLE]
+TIMM_SAMPLE = [
+    "resnet18", "resnetv2_50x1_bit", "densenet121", "dla34", "hrnet_w18_small", "repvgg_a0", "efficientnet_b0",
+    "mobilenetv3_small_100", "regnety_002", "convnextv2_atto", "poolformer_s12", "deit3_small_patch16_224",
+    "vit_tiny_patch16_224", "pit_ti_224", "resmlp_12_224", "swin_tiny_patch4_window7_224", "levit_128s",
+    "efficientvit_b0", "ghostnet_100", "ese_vovnet19b_dw", "selecsls42b",
+]
+IN_TRANSFORMER_TESTS = ["vit_b_16", "swin_t", "maxvit_t", "convnext_tiny"]
+REFS = [f"torchvision:{n}" for n in TORCHVISION_SAMPLE] + [f"timm:{n}" for n in TIMM_SAMPLE]
 CASES = [(2.0, "replicate"), (1.5, "grow"), (2.0, "grow"), (1.5, "replicate")]
 
 
-def test_every_torchvision_family_is_sampled():
-    covered = {family(n) for n in SAMPLE + list(IN_TRANSFORMER_TESTS)}
-    missing = sorted({family(n) for n in torchvision_names()} - covered)
-    assert not missing, f"torchvision families without a zoo test: {missing}"
+def family(ref: str) -> str:
+    source, name = ref.split(":", 1)
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model_builder(name).__module__
+    from timm.models import is_model_in_modules, list_modules
+
+    return next(m for m in list_modules() if is_model_in_modules(name, [m]))
+
+
+def test_every_family_is_sampled():
+    sampled = {family(r) for r in REFS + [f"torchvision:{n}" for n in IN_TRANSFORMER_TESTS]}
+    everything = [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in TIMM]
+    missing = sorted({family(r) for r in everything} - sampled)
+    assert not missing, f"zoo families without a test: {missing}"
 
 
 @pytest.mark.zoo
