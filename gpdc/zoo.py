@@ -49,13 +49,14 @@ def all_refs() -> list[str]:
     return [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in TIMM]
 
 
-def build(ref: str, num_classes: int = 10) -> tuple[nn.Module, int]:
-    """(model with random weights, square input size) for ``source:name``."""
+def build(ref: str, num_classes: int = 10, cnn_size: int = 64) -> tuple[nn.Module, int]:
+    """(model with random weights, square input size) for ``source:name``; torchvision CNNs take
+    ``cnn_size`` (float64 checks can go smaller)."""
     source, name = ref.split(":", 1)
     if source == "torchvision":
         import torchvision
 
-        size = _TV_SIZES.get(name) or next((s for p, s in _TV_PREFIX_SIZES.items() if name.startswith(p)), 64)
+        size = _TV_SIZES.get(name) or next((s for p, s in _TV_PREFIX_SIZES.items() if name.startswith(p)), cnn_size)
         kwargs = {"image_size": size} if name.startswith("vit_") else {}
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs), size
     import timm

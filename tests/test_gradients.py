@@ -2,21 +2,25 @@
 
 import pytest
 import torch
-import torchvision
 
 import gpdc
 from gpdc.exactness import randomize, set_mode
+from gpdc.zoo import build
 
 
-@pytest.mark.parametrize("name,strategy,ratio", [
-    ("resnet18", "replicate", 2.0), ("mobilenet_v3_small", "replicate", 1.5),
-    ("shufflenet_v2_x0_5", "grow", 1.5), ("regnet_x_400mf", "replicate", 1.5),
+@pytest.mark.parametrize("ref,strategy,ratio", [
+    ("torchvision:resnet18", "replicate", 2.0), ("torchvision:mobilenet_v3_small", "replicate", 1.5),
+    ("torchvision:shufflenet_v2_x0_5", "grow", 1.5), ("torchvision:regnet_x_400mf", "replicate", 1.5),
+    ("timm:deit_tiny_patch16_224", "replicate", 1.5), ("torchvision:swin_t", "grow", 2.0),
+    ("timm:convnext_atto", "replicate", 1.5),
 ])
-def test_student_gradients_reach_teacher(name, strategy, ratio):
-    model = randomize(torchvision.models.get_model(name, weights=None, num_classes=7)).double()
-    exp = gpdc.expand(model, {"input_shape": [4, 3, 32, 32], "expand": {"ratio": ratio, "strategy": strategy}})
+def test_student_gradients_reach_teacher(ref, strategy, ratio):
+    """Class tokens, position embeddings, layer scales, norm weights and attention heads included."""
+    model, s = build(ref, num_classes=7, cnn_size=32)  # float64: small maps are well-conditioned
+    model = randomize(model).double()
+    exp = gpdc.expand(model, {"input_shape": [4, 3, s, s], "expand": {"ratio": ratio, "strategy": strategy}})
     exp.teacher.double()
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(4, 3, s, s, dtype=torch.float64)
     y = torch.randint(0, 7, (4,))
 
     original = exp.original
