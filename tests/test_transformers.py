@@ -118,3 +118,16 @@ def test_attention_weights_output_is_refused():
 
     with pytest.raises(gpdc.RuleError, match="need_weights=False"):
         gpdc.expand(M(), {"input_shape": [2, 4, 8], "expand": {"ratio": 2.0}})
+
+
+@pytest.mark.parametrize("spec_file,ref", [("specs/deit_tiny.yaml", "timm:deit_tiny_patch16_224"),
+                                           ("specs/convnext_tiny.yaml", "torchvision:convnext_tiny")])
+def test_bundled_transformer_specs_apply_and_are_exact(spec_file, ref):
+    """The spec's layer and branch patterns match the model; run at a small input for speed."""
+    model, s = build(ref)
+    randomize(model.eval())
+    spec = gpdc.load_spec(spec_file)
+    spec = spec.model_copy(update={"input_shape": [2, 3, s, s]})
+    exp = gpdc.expand(model, spec)
+    assert any("branches [" in line for line in exp.log), "the spec's branches.layers matches no k x k conv"
+    assert_exact(model, exp, torch.randn(2, 3, s, s), spec_file)
