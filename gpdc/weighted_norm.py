@@ -82,3 +82,28 @@ class WeightedGroupNorm(nn.Module):
 
     def forward(self, x):
         return weighted_group_norm(x, self.groups, self.stat_weight, self.weight, self.bias, self.eps)
+
+
+class WeightedStdConv2d(nn.Conv2d):
+    """A weight-standardised conv (timm ``StdConv2d``) whose per-row weight statistics count every student
+    input channel once (``col_weight``, summing to 1 over the columns of a row, per kernel position
+    averaged), and whose standardised columns are then multiplied by the fan-in scale ``col_scale``."""
+
+    def __init__(self, source: nn.Conv2d, weight: torch.Tensor, bias, col_weight: torch.Tensor, col_scale: torch.Tensor):
+        super().__init__(weight.shape[1], weight.shape[0], source.kernel_size, source.stride, source.padding,
+                         source.dilation, 1, bias is not None, source.padding_mode)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.eps = source.eps
+        self.register_buffer("col_weight", col_weight.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("col_scale", col_scale.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        w = self.weight
+        k = w.shape[2] * w.shape[3]
+        mean = (w * self.col_weight).sum((1, 2, 3), keepdim=True) / k
+        d = w - mean
+        var = (d * d * self.col_weight).sum((1, 2, 3), keepdim=True) / k
+        return self._conv_forward(x, d * torch.rsqrt(var + self.eps) * self.col_scale, self.bias)

@@ -26,8 +26,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "inside a traced module; no rule for that pattern",
     "timm:efficientvit_b0": "LiteMLA (linear attention with multi-scale aggregation) is a timm leaf module without "
     "a gpdc rule",
-    "timm:resnetv2_50x1_bit": "weight-standardised convs (StdConv2d) call F.conv2d on weights computed in forward; "
-    "no rule widens them, so nothing can widen (clear error)",
     "timm:ghostnet_100": "the ghost module adds a concat of two convs' outputs, sliced, to a residual: coupling a "
     "concatenated/sliced layout to one space is not supported (channel spaces couple as wholes)",
 }

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import RuleError
 from ..layout import Layout
 from ..trace import register_leaf_module
+from ..weighted_norm import WeightedStdConv2d
 from .registry import Rule, register_module_rule
 
 
@@ -157,7 +158,45 @@ class DenseRule(Rule):
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
     register_module_rule(_cls, DenseRule())
-if importlib.util.find_spec("timm") is not None:  # timm's Linear subclass calls F.linear: keep it one node
-    from timm.layers import Linear as _TimmLinear
+class StdConvRule(DenseRule):
+    """Weight-standardised convs (timm ``StdConv2d``): the teacher copies the raw weights unscaled and
+    standardises each row with statistics that count every student input channel once, then applies
+    the fan-in scale (``gpdc.weighted_norm.WeightedStdConv2d``). Depthwise ones need nothing extra."""
 
-    register_leaf_module(_TimmLinear)
+    def analyze(self, node: fx.Node, an):
+        out = super().analyze(node, an)
+        if an.info[node]["kind"] == "grouped":
+            raise RuleError(f"grouped weight-standardised conv '{node.target}' is not supported (dense or depthwise only).")
+        return out
+
+    def expand(self, node: fx.Node, ex) -> None:
+        info = ex.an.info[node]
+        if info["kind"] != "dense":
+            return super().expand(node, ex)
+        m = ex.an.module(node)
+        L, Lout = info["in"], info["out"]
+        TI, TO = ex.tin(node.args[0], L), ex.canonical(info["out"])
+        cols = ex.student_pos(L, TI)
+        scale = ex.fanin_scale(TI)
+        w = dense_weight(ex, m.weight, TO.index, TO, cols, (scale > 0).astype(np.float64))  # raw, unscaled
+        b = None
+        if m.bias is not None:
+            b = m.bias.detach()[torch.as_tensor(TO.index)].clone()
+            if ex.strategy == "grow":
+                b[torch.as_tensor(TO.copy > 0)] = 0
+        col_weight = torch.as_tensor(scale / L.width, dtype=torch.float32)
+        new = WeightedStdConv2d(m, w, b, col_weight, torch.as_tensor(scale, dtype=torch.float32))
+        ex.emit_module(node, new, ex.arg(node.args[0]), layout=TO)
+        ex.share(node.target, "weight", index={0: TO.positions_of(ex.keys(Lout)), 1: TI.positions_of(ex.keys(L))})
+        if m.bias is not None:
+            ex.share(node.target, "bias", index={0: TO.positions_of(ex.keys(Lout))})
+        ex.log(node, f"weight-standardised dense: {L.width}->{TI.width} in, {Lout.width}->{TO.width} out")
+
+
+if importlib.util.find_spec("timm") is not None:
+    from timm.layers import Linear as _TimmLinear
+    from timm.layers import StdConv2d as _TimmStdConv2d
+
+    register_leaf_module(_TimmLinear)  # calls F.linear: keep it one node
+    register_leaf_module(_TimmStdConv2d)
+    register_module_rule(_TimmStdConv2d, StdConvRule())
