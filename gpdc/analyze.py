@@ -159,6 +159,7 @@ class ChannelAnalysis:
             self.rules[node] = rule
             self.layouts[node] = rule.analyze(node, self)
         self._check_splits_consumed()
+        self._check_channels_distinct()
 
     def _check_splits_consumed(self) -> None:
         for node, lay in self.layouts.items():
@@ -170,6 +171,19 @@ class ChannelAnalysis:
                             f"(a reshape such as a channel shuffle) and {node_label(user)} consumes it before it is "
                             "merged back; gpdc only follows such reshapes through other reshapes/transposes."
                         )
+
+    def _check_channels_distinct(self) -> None:
+        """No tensor holds one channel twice. A concat of two tensors of one coupled space tells its parts
+        apart when it sees them; spaces coupled only *after* the concat would collide here."""
+        for node, lay in self.layouts.items():
+            if isinstance(lay, Layout) and lay.width > 1:
+                roots = np.array([self.find(int(s)) for s in lay.space.tolist()])
+                keys = set(zip(roots.tolist(), lay.index.tolist(), lay.sub.tolist()))
+                if len(keys) < lay.width:
+                    raise CouplingError(
+                        f"node {node_label(node)} holds channels that a later residual add or gate ties together "
+                        "(e.g. a concat of two branches whose outputs are added further on); gpdc cannot tell "
+                        "their copies apart. Keep these layers at ratio 1 or register a rule for the block.")
 
     # -- groups -----------------------------------------------------------------------------
     def groups(self) -> list[Group]:

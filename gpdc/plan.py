@@ -104,7 +104,7 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
         if g.teacher_width is None:
             g.teacher_width = teacher_width(g.width, g.ratio, g.quantum)
         maps[g.id] = ChannelMap.build(g.width, g.teacher_width, g.quantum)
-    if not any(g.teacher_width > g.width for g in groups):
+    if all(g.pinned for g in groups):
         raise RuleError(_nothing_widens(an))
     return ExpansionPlan(groups, maps, group_of_root, spec.expand.strategy)
 
@@ -115,7 +115,7 @@ def _nothing_widens(an: ChannelAnalysis) -> str:
     why = (f" The model computes {functional[0].target.__name__} functionally at node '{functional[0].name}' (in "
            f"'{functional[0].meta.get('gpdc.scope', '')}'), e.g. with standardised weights; gpdc widens Conv/Linear "
            "modules and layers with a registered rule only." if functional else "")
-    return ("no channel group of this model can widen: every layer's channels are pinned (they reach the logits or "
+    return ("no channel group of this model can widen: every group's channels are pinned (they reach the logits or "
             f"meet the data input) or come from ops gpdc has no producer rule for.{why} Register a rule for the "
             "layer type (gpdc.register_module_rule) to widen it.")
 
