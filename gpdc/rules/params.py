@@ -40,7 +40,8 @@ def _chain_to_param(node: fx.Node):
     return chain[::-1]
 
 
-def _run(node: fx.Node, x: torch.Tensor, an) -> torch.Tensor:
+def _run(node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """Apply the shape-only op ``node`` to ``x`` (a tensor of parameter element indices)."""
     def value(a):
         if isinstance(a, fx.Node):
             return x if a is node.args[0] else a.meta.get("gpdc.value")
@@ -52,6 +53,8 @@ def _run(node: fx.Node, x: torch.Tensor, an) -> torch.Tensor:
     if node.op == "call_method":
         if node.target in ("to", "type_as", "float"):
             return x
+        if node.target == "expand_as":
+            return x.expand(node.args[1].meta["gpdc.shape"])
         return getattr(x, node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
 
@@ -67,7 +70,7 @@ def follow(node: fx.Node, L: Layout, partner: fx.Node, an) -> Layout | None:
         return None
     outs = [torch.arange(param.numel()).view(param.shape)]
     for n in chain[1:]:
-        outs.append(_run(n, outs[-1], an))
+        outs.append(_run(n, outs[-1]))
     out = outs[-1]
     if out.dim() <= L.dim or out.shape[L.dim] != L.width:
         return None
