@@ -8,7 +8,7 @@ the shared one after a strict load into a fresh instance, and its ONNX file equa
 Each model runs in its own process (memory, time limit). Writes bench/results/zoo.json.
 
     python bench/zoo.py [--only resnet18,timm:deit_tiny_patch16_224] [--timeout 1800] [--resume] [--jobs 2]
-    python bench/zoo.py --table      # the README table from the results
+    python bench/zoo.py --table      # the table from the results (--readme: into README.md)
 """
 
 from __future__ import annotations
@@ -139,12 +139,28 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def update_readme(results: dict) -> None:
+    """Replace the README's zoo section (between the zoo-table markers) with the current table."""
+    from gpdc.zoo import KNOWN_FAILURES
+
+    readme = Path(__file__).parent.parent / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- zoo-table -->", "<!-- /zoo-table -->"
+    known = "\n".join(f"* `{ref}`: {why}" for ref, why in KNOWN_FAILURES.items())
+    body = f"{start}\n{table(results)}\n\nKnown failures (`KNOWN_FAILURES` in `gpdc/zoo.py`):\n\n{known}\n{end}"
+    text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    from gpdc.atomic import atomic_write
+
+    atomic_write(readme, lambda p: Path(p).write_text(text))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--jobs", type=int, default=1, help="models run in parallel (one process each)")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
     ap.add_argument("--resume", action="store_true", help="skip models already in the results")
     ap.add_argument("--worker")
     ap.add_argument("--result")
@@ -152,8 +168,8 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.result)
     results = json.loads(OUT.read_text())["models"] if OUT.exists() else {}
-    if args.table:
-        print(table(results))
+    if args.table or args.readme:
+        update_readme(results) if args.readme else print(table(results))
         return
     from gpdc.zoo import all_refs
 
