@@ -126,7 +126,13 @@ def table(results: dict) -> str:
 
     lines = ["| model | input | expand exact (max rel err) | fold exact | ONNX equal | seconds |",
              "|---|---|---|---|---|---|"]
-    for ref, r in results.items():
+    from gpdc.zoo import all_refs
+
+    for ref in all_refs():
+        r = results.get(ref)
+        if r is None:
+            lines.append(f"| {ref} | | not run in the recorded sweep | | | |")
+            continue
         if "error" in r:
             reason = KNOWN_FAILURES.get(ref, r["error"]).split(";")[0][:90]
             lines.append(f"| {ref} | | fails: {reason} | | | |")
@@ -134,8 +140,10 @@ def table(results: dict) -> str:
         lines.append(f"| {ref} | {r['input']} | {'yes' if r['expand_exact'] else 'NO'} ({r['max_rel_error']:.1e}) | "
                      f"{'yes' if r['fold_exact'] else 'NO'} | {'yes' if r['onnx_equal'] else 'NO'} | {r['seconds']:.0f} |")
     for source in ("torchvision", "timm"):
-        rows = [r for k, r in results.items() if k.startswith(source)]
-        lines.append(f"\n{source}: {sum(bool(r.get('pass')) for r in rows)} of {len(rows)} pass")
+        refs = [k for k in all_refs() if k.startswith(source)]
+        passed = sum(bool(results.get(k, {}).get("pass")) for k in refs)
+        missing = sum(k not in results for k in refs)
+        lines.append(f"\n{source}: {passed} of {len(refs)} pass" + (f" ({missing} not run)" if missing else ""))
     return "\n".join(lines)
 
 
