@@ -56,7 +56,7 @@ class PadRule(ChannelwiseRule):
         L = super().analyze(node, an)
         pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
         k = len(node.args[0].meta["gpdc.shape"]) - 1 - L.dim  # pairs count from the last dim
-        if len(pad) > 2 * k and (pad[2 * k] or pad[2 * k + 1] if len(pad) > 2 * k + 1 else pad[2 * k]):
+        if any(pad[2 * k: 2 * k + 2]):
             raise RuleError(f"node '{node.name}' pads the channel dim; gpdc cannot widen padded channels.")
         return L
 
