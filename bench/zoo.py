@@ -36,8 +36,7 @@ def sweep(ref: str) -> dict:
     import gpdc
     from gpdc.exactness import check, randomize, reference, set_mode
     from gpdc.export import check_onnx, export_onnx
-    from gpdc.models import load_state_dict_strict
-    from gpdc.zoo import build
+    from gpdc.zoo import build, fold_into_fresh
 
     row: dict = {"model": ref, "stage": "build"}
     t_all = time.perf_counter()
@@ -64,12 +63,7 @@ def sweep(ref: str) -> dict:
     del model  # the largest models need the memory for fold and export
     row["stage"] = "fold"
     t0 = time.perf_counter()
-    fresh, _ = build(ref)
-    load_state_dict_strict(fresh, dict(exp.fold_state_dict()))
-    fresh.eval()
-    with torch.no_grad():
-        a, b = set_mode(exp.student, False)(x), fresh(x)
-    fold_err = float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
+    fresh, fold_err = fold_into_fresh(exp, ref, x)
     row.update(fold_exact=fold_err <= 1e-5, fold_rel_error=fold_err, seconds_fold=round(time.perf_counter() - t0, 2))
     del exp, refs
     row["stage"] = "onnx"

@@ -13,7 +13,7 @@ import gpdc
 from gpdc.exactness import check, randomize, reference, set_mode
 from gpdc.export import check_onnx, export_onnx
 from gpdc.models import load_state_dict_strict
-from gpdc.zoo import build
+from gpdc.zoo import build, fold_into_fresh
 
 CASES = [(2.0, "replicate"), (2.0, "grow"), (1.5, "replicate"), (1.5, "grow")]
 MODELS = ["torchvision:vit_b_16", "torchvision:swin_t", "torchvision:maxvit_t", "torchvision:convnext_tiny",
@@ -39,12 +39,8 @@ def test_transformer_exact_fold_and_onnx(ref, tmp_path):
         exp = gpdc.expand(model, {"input_shape": [2, 3, s, s], "expand": {"ratio": ratio, "strategy": strategy}})
         assert sum(p.numel() for p in exp.teacher.parameters()) > 1.5 * sum(p.numel() for p in model.parameters())
         assert_exact(model, exp, x, f"{ref} r={ratio} {strategy}")
-    fresh, _ = build(ref)
-    load_state_dict_strict(fresh, dict(exp.fold_state_dict()))
-    fresh.eval()
-    with torch.no_grad():
-        a, b = set_mode(exp.student, False)(x), fresh(x)
-    assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max())), f"{ref}: fold differs"
+    fresh, fold_error = fold_into_fresh(exp, ref, x)
+    assert fold_error <= 1e-5, f"{ref}: fold differs"
     eq = check_onnx(export_onnx(fresh, x, tmp_path / "student.onnx"), fresh, torch.randn(3, 3, s, s))
     assert eq.ok, f"{ref}: onnx {eq}"
 

@@ -15,8 +15,7 @@ import torch
 import gpdc
 from gpdc.exactness import check, randomize, reference, set_mode
 from gpdc.export import check_onnx, export_onnx
-from gpdc.models import load_state_dict_strict
-from gpdc.zoo import KNOWN_FAILURES, TIMM, build, torchvision_names
+from gpdc.zoo import KNOWN_FAILURES, TIMM, build, fold_into_fresh, torchvision_names
 
 # one or two members per family (a family = the torchvision/timm module that defines the model); the
 # transformer families run the full case matrix in test_transformers.py
@@ -77,11 +76,7 @@ def test_exact_fold_and_onnx(ref, tmp_path):
             for which, cand in (("teacher", exp.teacher), ("student", exp.student)):
                 e = check(set_mode(cand, nt), r, own, x)
                 assert e.ok, f"{ref} r={ratio} {strategy} norm-train={nt} {which}: error {e.error:.3g} > bound {e.bound:.3g}"
-    fresh, _ = build(ref)
-    load_state_dict_strict(fresh, dict(exp.fold_state_dict()))  # as from student.safetensors
-    fresh.eval()
-    with torch.no_grad():
-        a, b = set_mode(exp.student, False)(x), fresh(x)
-    assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max())), f"{ref}: fold differs"
+    fresh, fold_error = fold_into_fresh(exp, ref, x)
+    assert fold_error <= 1e-5, f"{ref}: fold differs"
     eq = check_onnx(export_onnx(fresh, x, tmp_path / "student.onnx"), fresh, torch.randn(3, 3, s, s))
     assert eq.ok, f"{ref}: onnx {eq}"
