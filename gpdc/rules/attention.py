@@ -29,7 +29,7 @@ from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout
 from ..trace import register_leaf_module
-from .producers import dense_weight
+from .producers import dense_bias, dense_weight
 from .registry import Rule, register_module_rule
 
 
@@ -66,9 +66,7 @@ def _into_heads(ex, w: torch.Tensor, b, name: tuple[str, str, str], heads: _Head
     ex.share(name[0], name[1], index={0: heads.student_rows(parts), 1: in_pos}, scale={1: 1.0 / ex.fanin_scale(TI)[in_pos]})
     if b is None:
         return weight, None
-    b = b.detach()[torch.as_tensor(rows)].clone()
-    if ex.strategy == "grow":
-        b[torch.as_tensor(copy > 0)] = 0
+    b = dense_bias(ex, b, rows, copy)
     ex.share(name[0], name[2], index={0: heads.student_rows(parts)})
     return weight, b
 
@@ -86,10 +84,7 @@ def _widen_from_heads(ex, lin: nn.Linear, name: str, heads: _Heads, TO, rows_stu
     weight = dense_weight(ex, lin.weight, TO.index, TO, heads.rows()[0], fan)
     params = {"weight": weight}
     if lin.bias is not None:
-        b = lin.bias.detach()[torch.as_tensor(TO.index)].clone()
-        if ex.strategy == "grow":
-            b[torch.as_tensor(TO.copy > 0)] = 0
-        params["bias"] = b
+        params["bias"] = dense_bias(ex, lin.bias, TO.index, TO.copy)
     n = heads.heads * heads.d
     ex.share(name, "weight", index={0: rows_student, 1: np.arange(n)}, scale={1: 1.0 / fan[:n]})
     if lin.bias is not None:

@@ -25,7 +25,7 @@ from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
-from .shapes import patch_shape
+from .shapes import is_reshape, patch_shape
 
 
 def _value(a, src, tags):
@@ -138,8 +138,7 @@ class MoveRule(Rule):
             lay = ex.an.layouts[node]
             TO = ex.rekey(cat_teacher([TI.take(np.arange(TI.width), dim=lay.dim, sub=TI.sub * k + b, keys=None)
                                        for b in range(k)], lay.dim))
-            reshape = node.target in ("view", "reshape") or node.target is torch.reshape
-            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if reshape else None)
+            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if is_reshape(node) else None)
         elif kind == "natural":
             TI = ex.tl[node.args[0]]
             outs = []
@@ -153,7 +152,7 @@ class MoveRule(Rule):
             outs = [ex.rekey(o) for o in outs]
             if node.op == "call_module":
                 ex.modules[node.target] = ex.clone(ex.an.module(node))
-            args = patch_shape(node, outs[0], ex) if node.target in ("view", "reshape") or node.target is torch.reshape else None
+            args = patch_shape(node, outs[0], ex) if is_reshape(node) else None
             ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.an.layouts[node], tuple) else outs[0], args=args)
         else:
             source = info["source"]

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import RuleError
 from ..layout import Layout
 from .registry import Rule
-from .shapes import patch_shape
+from .shapes import is_reshape, patch_shape
 
 _CHAIN_METHODS = {"expand", "expand_as", "reshape", "view", "to", "type_as", "contiguous", "unsqueeze", "float",
                   "clone", "squeeze", "flatten"}
@@ -132,8 +132,7 @@ class FollowRule(Rule):
         if node.op != "get_attr":
             TI = ex.tl[node.args[0]]
             TO = TI.take(slice(None), dim=ex.an.layouts[node].dim)
-            reshape = node.target in ("view", "reshape") or node.target is torch.reshape
-            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if reshape else None)
+            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if is_reshape(node) else None)
             return
         info = ex.an.info[node]
         L = ex.an.layouts[node]

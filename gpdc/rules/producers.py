@@ -43,6 +43,14 @@ def dense_weight(ex, w: torch.Tensor, rows_student: np.ndarray, TO, cols_student
     return fresh
 
 
+def dense_bias(ex, b: torch.Tensor, rows_student: np.ndarray, copy: np.ndarray) -> torch.Tensor:
+    """Teacher bias of a channel-mixing layer: copies of the student rows (zero for new rows under grow)."""
+    b = b.detach()[torch.as_tensor(rows_student)].clone()
+    if ex.strategy == "grow":
+        b[torch.as_tensor(copy > 0)] = 0
+    return b
+
+
 class DenseRule(Rule):
     """Conv (any groups) and Linear: open a new channel space for the output."""
 
@@ -98,10 +106,7 @@ class DenseRule(Rule):
             w = dense_weight(ex, m.weight, TO.index, TO, cols, ex.fanin_scale(TI))
             params = {"weight": w}
             if has_bias:
-                b = m.bias.detach()[torch.as_tensor(TO.index)].clone()
-                if ex.strategy == "grow":
-                    b[torch.as_tensor(TO.copy > 0)] = 0
-                params["bias"] = b
+                params["bias"] = dense_bias(ex, m.bias, TO.index, TO.copy)
             attrs = {"in_features": TI.width, "out_features": TO.width} if isinstance(m, nn.Linear) else {
                 "in_channels": TI.width, "out_channels": TO.width}
             ex.emit_module(node, ex.clone(m, params=params, **attrs), x, layout=TO)
@@ -179,11 +184,7 @@ class StdConvRule(DenseRule):
         cols = ex.student_pos(L, TI)
         scale = ex.fanin_scale(TI)
         w = dense_weight(ex, m.weight, TO.index, TO, cols, (scale > 0).astype(np.float64))  # raw, unscaled
-        b = None
-        if m.bias is not None:
-            b = m.bias.detach()[torch.as_tensor(TO.index)].clone()
-            if ex.strategy == "grow":
-                b[torch.as_tensor(TO.copy > 0)] = 0
+        b = None if m.bias is None else dense_bias(ex, m.bias, TO.index, TO.copy)
         col_weight = torch.as_tensor(scale / L.width, dtype=torch.float32)
         new = WeightedStdConv2d(m, w, b, col_weight, torch.as_tensor(scale, dtype=torch.float32))
         ex.emit_module(node, new, ex.arg(node.args[0]), layout=TO)

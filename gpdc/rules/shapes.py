@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """view/reshape, whose literal sizes may name the channel count."""
+    return node.target in ("view", "reshape") or node.target is torch.reshape
 
 
 def patch_shape(node: fx.Node, TO, ex):
