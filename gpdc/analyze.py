@@ -10,14 +10,17 @@ model output (the logits) or that meet an unwidened tensor channel-for-channel a
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import networkx as nx
 import numpy as np
 import torch.fx as fx
 
-from .errors import CouplingError, RuleError
+from .errors import CouplingError, GpdcError, InternalError, RuleError
 from .layout import Layout, SplitLayout
+from .outputs import LeafPath, graph_leaves, is_structure_node
 from .rules.registry import find_rule
 
 
@@ -67,8 +70,11 @@ def node_label(node: fx.Node) -> str:
 class ChannelAnalysis:
     """Layouts of every node's output and the coupled channel groups of the student graph."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, free_outputs: list[str] = ()):
         self.gm = gm
+        self.free_patterns = list(free_outputs)
+        self.free_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that widen (expand.free_outputs)
+        self.pinned_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that carry channels and stay put
         self.modules = dict(gm.named_modules())
         self.spaces: list[Space] = []
         self.parent: list[int] = []
@@ -76,6 +82,7 @@ class ChannelAnalysis:
         self.layouts: dict[fx.Node, object] = {}
         self.info: dict[fx.Node, object] = {}  # rule-specific facts the expand pass reuses
         self.rules: dict[fx.Node, object] = {}
+        self._input_dependent: dict[fx.Node, bool] = {}
         self._run()
 
     # -- spaces -----------------------------------------------------------------------------
@@ -132,21 +139,30 @@ class ChannelAnalysis:
             return self.layouts.get(arg)
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.layout_of(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self.layout_of(a) for k, a in arg.items()}
         return None
+
+    def depends_on_input(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value depends on the model's input (else it is computed from parameters,
+        buffers and constants alone)."""
+        return self._input_dependent[node]
 
     def module(self, node: fx.Node):
         return self.modules[node.target] if node.op == "call_module" else None
 
     def _run(self) -> None:
         for node in self.gm.graph.nodes:
+            self._input_dependent[node] = node.op == "placeholder" or any(
+                self._input_dependent[a] for a in node.all_input_nodes)
             if node.op == "placeholder":
                 self.layouts[node] = None
                 continue
             if node.op == "output":
-                for lay in _flatten_layouts(self.layout_of(node.args[0])):
-                    if isinstance(lay, SplitLayout):
-                        raise RuleError("the model output is a tensor whose channel dim is split by a reshape; gpdc cannot widen it.")
-                    self.pin(lay, "reaches the model output (logits never widen)")
+                self._pin_outputs(node)
+                continue
+            if is_structure_node(node) and all(u.op == "output" for u in node.users):
+                self.layouts[node] = None  # a namedtuple/dataclass/OrderedDict output: its leaves are pinned one by one
                 continue
             rule = find_rule(node, self)
             inputs = [a for a in _flatten_layouts(self.layout_of((node.args, node.kwargs))) if a is not None]
@@ -157,9 +173,27 @@ class ChannelAnalysis:
                 self.layouts[node] = None
                 continue
             self.rules[node] = rule
-            self.layouts[node] = rule.analyze(node, self)
+            with rule_errors("analyze", node, rule):
+                self.layouts[node] = rule.analyze(node, self)
         self._check_splits_consumed()
         self._check_channels_distinct()
+
+    def _pin_outputs(self, node: fx.Node) -> None:
+        """Output leaves keep their width unless ``expand.free_outputs`` frees them."""
+        for path, leaf in graph_leaves(node.args[0]):
+            lay = self.layouts.get(leaf) if isinstance(leaf, fx.Node) else None
+            if lay is None:
+                continue
+            if isinstance(lay, SplitLayout):
+                raise RuleError(f"the model output {path} is a tensor whose channel dim is split by a reshape; gpdc "
+                                "cannot widen it.")
+            if path.matches(self.free_patterns):
+                self.free_outputs[path] = leaf
+                continue
+            self.pinned_outputs[path] = leaf
+            hint = (f"free it with expand.free_outputs: ['{path.key}']" if path.key
+                    else "the logits never widen")
+            self.pin(lay, f"reaches the model output {path} ({hint})")
 
     def _check_splits_consumed(self) -> None:
         for node, lay in self.layouts.items():
@@ -224,6 +258,32 @@ class ChannelAnalysis:
         return [self.coupling.edges[u, v]["node"] for u, v in zip(path, path[1:])]
 
 
+@contextmanager
+def rule_errors(stage: str, node: fx.Node, rule) -> Iterator[None]:
+    """Turn an unexpected exception inside a rule into a gpdc error naming the stage, node and rule."""
+    try:
+        yield
+    except GpdcError:
+        raise
+    except Exception as e:
+        src = f" ({source_line(node)})" if source_line(node) else ""
+        raise InternalError(
+            f"internal error in the {stage} stage at node {node_label(node)}{src} (rule {type(rule).__name__}): "
+            f"{type(e).__name__}: {str(e).strip()[:400]}. This is a gpdc bug; please report it with the model and "
+            "spec. To go on meanwhile, keep the layers around this node at ratio 1 (expand.layers) or register your "
+            "own rule for the op (gpdc.register_module_rule / register_function_rule)."
+        ) from e
+
+
+def source_line(node: fx.Node) -> str:
+    """``File "...", line N, in f: `code``` for the user's source line that created ``node``, or ''."""
+    src = (node.stack_trace or "").strip().splitlines()
+    for where, code in reversed(list(zip(src, src[1:]))):
+        if where.strip().startswith("File") and "/torch/" not in where and "/gpdc/" not in where:
+            return f"{where.strip()}: `{code.strip()}`"
+    return ""
+
+
 def _flatten_layouts(v):
     if isinstance(v, (list, tuple)):
         for x in v:
@@ -245,12 +305,7 @@ def _no_rule_message(node: fx.Node, an: ChannelAnalysis) -> str:
     else:
         what = f"{node.op} '{getattr(node.target, '__name__', node.target)}'"
         how = "gpdc.register_function_rule(fn, rule)"
-    line = ""
-    src = (node.stack_trace or "").strip().splitlines()
-    for where, code in zip(src, src[1:]):
-        if where.strip().startswith("File") and "/torch/" not in where and "/gpdc/" not in where:
-            line = f" Source: {where.strip()}: `{code.strip()}`."
-            break
+    line = f" Source: {source_line(node)}." if source_line(node) else ""
     return (
         f"no channel rule for node {node_label(node)}: {what} receives widened channels and gpdc does not "
         f"know how it treats the channel dimension.{line} Register a rule with {how}, or, if the op "

@@ -1,27 +1,87 @@
-"""The ``gpdc`` command line. User errors print one paragraph and exit with code 2."""
+"""The ``gpdc`` command line. User errors print one paragraph and exit with code 2.
+
+No traceback reaches a user: bad input (``GpdcError``) prints its message; an interrupt prints
+"interrupted" (exit 130; SIGTERM during ``compile``: "terminated", 143); running out of memory or disk
+space, or a folder that cannot be written, prints what to change (exit 2); any other exception is a
+gpdc bug and prints one "internal error in gpdc" paragraph (exit 2, never 1: exit 1 means a numerical
+check failed). ``GPDC_DEBUG=1`` prints the traceback as well.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import sys
+import traceback
 
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import GpdcError
+from .outdir import Terminated, write_error_reason
 
 console = Console(stderr=True)
+
+_NOT_WRITABLE = {errno.EACCES, errno.EROFS, errno.EPERM}
+
+
+def _debug() -> bool:
+    return os.environ.get("GPDC_DEBUG", "").strip() not in ("", "0")
+
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _fail(message: str, code: int, prefix: str = "error:") -> None:
+    if _debug():
+        traceback.print_exc()
+    console.print(f"[bold red]{prefix}[/] {escape(message)}" if prefix else escape(message), highlight=False,
+                  soft_wrap=True)
+    sys.exit(code)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click prints usage errors itself (exit 2)
         except GpdcError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            sys.exit(e.exit_code)
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted.", 130, prefix="")
+        except Terminated as e:
+            _fail("terminated.", e.code, prefix="")
+        except BaseException as e:  # noqa: BLE001 -- no traceback reaches a user
+            if isinstance(e, (SystemExit, GeneratorExit)):
+                raise
+            if _out_of_memory(e):
+                _fail(f"out of memory ({type(e).__name__}: {_one_line(e, 300) or 'no detail'}). Lower expand.ratio "
+                      "(and the ratios in expand.layers) or the spec's input_shape (batch size, image size), or run "
+                      "on a machine with more memory.", 2)
+            reason = write_error_reason(e)
+            if reason is not None:
+                name = getattr(e, "filename", None) or "a file"
+                if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+                    _fail(f"cannot use {name}: {reason}; check its permissions, or choose another --out.", 2)
+                _fail(f"cannot write {name}: {reason}; free some space or choose another --out.", 2)
+            _fail(f"internal error in gpdc: {type(e).__name__}: {_one_line(e) or '(no message)'}. This is a gpdc bug, "
+                  "not a problem gpdc found in your input; please report it with the command and the model "
+                  "(GPDC_DEBUG=1 shows the traceback).", 2)
 
 
 @click.group(cls=_Group)
@@ -52,7 +112,7 @@ def spec_cmd(schema: bool, path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def expand_cmd(model: str, spec_path: str, entry: str, explain: bool, as_json: bool) -> None:
     """Expand MODEL into its dynamic teacher and check that teacher and student are exact."""
-    from .exactness import check_expansion
+    from .exactness import check_expansion, check_shape
     from .expansion import expand
     from .models import load_model
     from .spec import load_spec
@@ -62,9 +122,9 @@ def expand_cmd(model: str, spec_path: str, entry: str, explain: bool, as_json: b
     with console.status("trace → analyze → plan → expand"):
         exp = expand(net, spec)
     torch.manual_seed(0)
-    x = torch.randn(*spec.input_shape)
-    checks = check_expansion(exp, x)
-    report = exp.report() | {"exactness": checks}
+    shape, note = check_shape(exp)
+    checks = check_expansion(exp, torch.randn(*shape))
+    report = exp.report() | {"exactness": checks, "notes": [n for n in (note,) if n]}
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -113,10 +173,14 @@ def compile_cmd(model: str, spec_path: str, out: str | None, entry: str, explain
 @click.option("--model", "model_ref", required=True, help="path/to/model.py, torchvision:NAME or timm:NAME.")
 @click.option("--weights", required=True, help="student.safetensors written by gpdc compile/train.")
 @click.option("--entry", default="build_model", show_default=True)
-@click.option("--atol", default=1e-4, show_default=True, help="Max abs error, relative to max(1, output scale).")
-@click.option("--rtol", default=0.0, show_default=True, help="Extra tolerance proportional to the output scale.")
+@click.option("--atol", default=1e-4, show_default=True, callback=lambda c, p, v: _tolerance(p, v),
+              help="Max abs error, relative to max(1, output scale).")
+@click.option("--rtol", default=0.0, show_default=True, callback=lambda c, p, v: _tolerance(p, v),
+              help="Extra tolerance proportional to the output scale.")
 def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: float, rtol: float) -> None:
-    """CI gate: does ONNX_FILE compute what MODEL with WEIGHTS computes? Exit 0 or 1 with the numbers."""
+    """CI gate: does ONNX_FILE compute what MODEL with WEIGHTS computes? Exit 0 or 1 with the numbers.
+
+    Exit 2 when the files are unreadable or do not belong to MODEL (other input or output shapes)."""
     from pathlib import Path
 
     import onnx
@@ -125,13 +189,25 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
     from .export import check_onnx
     from .models import load_model, load_state_dict_strict
 
-    for f in (onnx_file, weights):
+    for f, what in ((onnx_file, "student.onnx"), (weights, "student.safetensors")):
+        if Path(f).is_dir():
+            raise GpdcError(f"{f} is a folder; pass the file written by `gpdc compile` ({what} in it).")
         if not Path(f).is_file():
             raise GpdcError(f"{f} does not exist; pass the files written by `gpdc compile` (student.onnx, student.safetensors).")
+    if Path(onnx_file).stat().st_size == 0:
+        raise GpdcError(f"{onnx_file} is empty (0 bytes): not an ONNX model (an interrupted copy?); pass the student.onnx "
+                        "written by `gpdc compile`.")
     try:
         proto = onnx.load(onnx_file)
+        onnx.checker.check_model(onnx_file)
     except Exception as e:
-        raise GpdcError(f"{onnx_file} is not a readable ONNX file ({type(e).__name__}).") from None
+        raise GpdcError(f"{onnx_file} is not a readable ONNX file ({type(e).__name__}: {_one_line(e, 300)}); pass "
+                        "the student.onnx written by `gpdc compile`.") from None
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if not inputs or not proto.graph.output:
+        raise GpdcError(f"{onnx_file} has {len(inputs)} inputs and {len(proto.graph.output)} outputs: not a model "
+                        "gpdc can check; pass the student.onnx written by `gpdc compile`.")
     net = load_model(model_ref, entry)
     try:
         state = load_file(weights)
@@ -140,12 +216,11 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
     try:
         load_state_dict_strict(net, state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise GpdcError(f"{weights} does not match {model_ref}: {first} Use the weights written for this model.") from None
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    shape = [d.dim_value if d.dim_value > 0 else 2 for d in dims]
+        raise GpdcError(f"{weights} does not match {model_ref}: {_one_line(e, 3000)} Use the weights written for this "
+                        "model.") from None
     torch.manual_seed(0)
-    eq = check_onnx(onnx_file, net, torch.randn(*shape), atol=atol, rtol=rtol)
+    x = _onnx_fits_model(onnx_file, inputs, net, model_ref)
+    eq = check_onnx(onnx_file, net, x, atol=atol, rtol=rtol)
     click.echo(json.dumps(eq.as_dict(), indent=2))
     sys.exit(0 if eq.ok else 1)
 
@@ -182,6 +257,72 @@ def train_cmd(student, spec_path, data, teacher_ref, teacher_weights, student_we
         Console().print(f"epoch {last['epoch']}: " + ", ".join(parts))
 
 
+def _tolerance(param, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"must be a finite number >= 0, got {value}.", param=param)
+    return value
+
+
+def _tensor_leaves(value) -> list:
+    """The tensors of a model output, in the order the ONNX export lists them (tuples, lists, dicts in
+    insertion order, namedtuples and dataclasses by field)."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensor_leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensor_leaves(getattr(value, f.name))]
+    return []
+
+
+def _onnx_fits_model(onnx_file: str, inputs: list, net: torch.nn.Module, model_ref: str) -> torch.Tensor:
+    """The example input for ``gpdc check``, after checking that ``onnx_file`` takes what ``net`` takes and
+    returns as many outputs, of the same shapes: another model's ONNX file is bad input (exit 2), not a
+    numerical failure (exit 1)."""
+    import onnx
+    import onnxruntime as ort
+
+    def mismatch(why: str) -> GpdcError:
+        return GpdcError(f"the ONNX file does not match {model_ref}: {why}. Pass the student.onnx written for this "
+                         "model (and its weights).")
+
+    if len(inputs) != 1:
+        raise mismatch(f"{onnx_file} takes {len(inputs)} inputs, the model takes one tensor")
+    tensor_type = inputs[0].type.tensor_type
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise mismatch(f"its input is {onnx.TensorProto.DataType.Name(tensor_type.elem_type)}, not a float32 tensor")
+    shape = [d.dim_value if d.dim_value > 0 else 2 for d in tensor_type.shape.dim]
+    x = torch.randn(*shape)
+    try:
+        with torch.no_grad():
+            refs = _tensor_leaves(net.eval()(x))
+    except Exception as e:
+        raise mismatch(f"the model cannot run on its input shape {shape} ({type(e).__name__}: {_one_line(e, 300)})") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(onnx_file, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise GpdcError(f"onnxruntime cannot load {onnx_file} ({_one_line(e, 300)}); pass the student.onnx written by "
+                        "`gpdc compile`.") from None
+    try:
+        outs = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    except Exception as e:
+        raise mismatch(f"onnxruntime cannot run it on an input of shape {shape} ({_one_line(e, 300)})") from None
+    if len(outs) != len(refs):
+        raise mismatch(f"it has {len(outs)} outputs, the model's output has {len(refs)} tensors")
+    for i, (o, r, info) in enumerate(zip(outs, refs, sess.get_outputs())):
+        if tuple(o.shape) != tuple(r.shape):
+            raise mismatch(f"on an input of shape {shape} its output '{info.name}' has shape {list(o.shape)}, the "
+                           f"model's output {'#' + str(i) + ' ' if len(refs) > 1 else ''}has {list(r.shape)}")
+    return x
+
+
 def _print_report(report: dict) -> None:
     out = Console()
     table = Table(title=f"coupled channel groups ({report['strategy']})")
@@ -192,6 +333,11 @@ def _print_report(report: dict) -> None:
         table.add_row(str(g["group"]), str(g["C"]), str(g["C_teacher"]), f"{g['ratio']:g}", g["rule"], layers)
     out.print(table)
     out.print(f"parameters: student {report['student_params']:,}  teacher {report['teacher_params']:,}")
+    outputs = report.get("outputs", {})
+    if len(outputs) > 1 or any(v == "widened" for v in outputs.values()):
+        out.print("outputs: " + ", ".join(f"{k} {v}" for k, v in outputs.items()), highlight=False)
+    for note in report.get("notes", []):
+        out.print(f"note: {note}", highlight=False)
     for k, c in report.get("exactness", report.get("ir", {})).items():
         status = "[green]exact[/]" if c["ok"] else "[red]NOT EXACT[/]"
         out.print(f"{k:15s} max error {c['error']:.2e} (bound {c['bound']:.2e}) {status}")

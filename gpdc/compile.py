@@ -1,15 +1,14 @@
 """The non-training pipeline behind ``gpdc compile``: expand → check → fold → export → check.
 
 Writes ``teacher.safetensors``, ``student.safetensors``, ``student.onnx`` and ``report.json`` to the
-output folder, each through a temporary file renamed into place; bad input is detected before
-anything is written.
+output folder, together or not at all: into a staging folder beside it that is swapped in at the end
+(:mod:`gpdc.outdir`; other files in the folder are kept). Bad input is detected before anything is
+written; a failed or interrupted run leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,24 +17,17 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from .atomic import atomic_write
-from .errors import GpdcError
-from .exactness import check_expansion
+from .exactness import check_expansion, check_shape, max_rel_difference
 from .expansion import expand
 from .export import check_onnx, export_onnx
 from .models import load_model
+from .outdir import StagedDir
 from .spec import load_spec
 
 
-def prepare_out_dir(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise GpdcError(f"cannot write to the output folder {out} ({e.strerror}); pass a writable folder with --out.") from None
-    return out
+def prepare_out_dir(out: Path, staged: StagedDir) -> Path:
+    """Check that ``out`` can be written; returns the staging folder the run writes into."""
+    return staged.open(out)
 
 
 def _tensors(sd: dict) -> dict:
@@ -44,7 +36,16 @@ def _tensors(sd: dict) -> dict:
 
 def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry: str = "build_model",
                   on_stage: Callable[[str, float], None] = lambda name, s: None) -> tuple[dict, list[str]]:
-    """Run the pipeline; returns (report, rewrite log). The report says pass/fail per check."""
+    """Run the pipeline; returns (report, rewrite log). The report says pass/fail per check.
+
+    While it runs, SIGINT raises KeyboardInterrupt and SIGTERM ``gpdc.outdir.Terminated``, so that the
+    staging folder is removed whatever happens."""
+    with StagedDir() as staged:
+        return _compile(model_ref, spec_path, out, entry, on_stage, staged)
+
+
+def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_stage: Callable[[str, float], None],
+             staged: StagedDir) -> tuple[dict, list[str]]:
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -58,11 +59,12 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
     with stage("load"):
         model = load_model(model_ref, entry)
     stem = model_ref.split(":", 1)[1] if ":" in model_ref else Path(model_ref).stem
-    out_dir = prepare_out_dir(Path(out) if out else Path("out") / stem)
+    out_dir = prepare_out_dir(Path(out) if out else Path("out") / stem, staged)  # the staging folder
     with stage("expand"):
         exp = expand(model, spec)
     torch.manual_seed(0)
-    x = torch.randn(*spec.input_shape)
+    shape, shape_note = check_shape(exp)
+    x = torch.randn(*shape)
     with stage("check_ir"):
         ir = check_expansion(exp, x)
     with stage("fold"):
@@ -70,17 +72,17 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
         folded = exp.fold(state_dict=folded_sd)
         with torch.no_grad():
             a, b = exp.student.eval()(x), folded(x)
-        fold_err = float((a - b).abs().max() / max(1.0, float(a.abs().max())))
-        fold = {"max_rel_error": fold_err, "ok": fold_err <= 1e-5}
-    with stage("export"):
+        fold_err, fold_leaf = max_rel_difference(a, b)
+        fold = {"max_rel_error": fold_err, "ok": fold_err <= 1e-5, "leaf": fold_leaf}
+    with stage("export"), staged.writing("student.onnx"):
         onnx_path = out_dir / "student.onnx"
         export_onnx(folded, x, onnx_path)
     with stage("check_onnx"):
         torch.manual_seed(1)
-        eq = check_onnx(onnx_path, folded, torch.randn(*spec.input_shape))
+        eq = check_onnx(onnx_path, folded, torch.randn(*shape))
     with stage("write"):
-        atomic_write(out_dir / "teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
-        atomic_write(out_dir / "student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
+        staged.write("teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
+        staged.write("student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
     report = exp.report() | {
         "model": model_ref,
         "spec": spec.model_dump(),
@@ -88,9 +90,12 @@ def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry:
         "fold": fold,
         "onnx": eq.as_dict(),
         "ok": all(c["ok"] for c in ir.values()) and fold["ok"] and eq.ok,
+        "check_input_shape": shape,
+        "notes": [n for n in (shape_note,) if n],
         "seconds": timings,
         "files": ["teacher.safetensors", "student.safetensors", "student.onnx", "report.json"],
     }
-    atomic_write(out_dir / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    report["out"] = str(out_dir)
+    staged.write("report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    staged.commit()  # all four files appear at once
+    report["out"] = str(staged.shown)
     return report, exp.log

@@ -26,3 +26,8 @@ class RuleError(GpdcError):
 
 class CouplingError(GpdcError):
     """Two coupled channel spaces cannot be widened consistently."""
+
+
+class InternalError(GpdcError):
+    """Something inside gpdc failed that should not (a gpdc bug): the message names the stage, node and
+    rule, so the report can be acted on; the CLI still prints one paragraph, no traceback."""

@@ -7,10 +7,13 @@ worse than ``max(1e-5 · max(1, max|ref|), 10 · the float32 original's own erro
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .outputs import tensor_leaves
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -52,10 +55,11 @@ def randomize(model: nn.Module, generator: torch.Generator | None = None) -> nn.
 
 @dataclass
 class Exactness:
-    error: float  # max |candidate - ref|
-    bound: float  # the allowed error
-    own_error: float  # max |original fp32 - ref|
-    scale: float  # max |ref|
+    error: float  # max |candidate - ref| of the worst leaf
+    bound: float  # the allowed error of that leaf
+    own_error: float  # max |original fp32 - ref| of that leaf
+    scale: float  # max |ref| of that leaf
+    leaf: str = "out"  # which output leaf (``out[1]['feats'][0]``); the worst by error / bound
 
     @property
     def ok(self) -> bool:
@@ -67,41 +71,82 @@ class Exactness:
         return self.error / self.bound
 
 
-def _first(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return _first(out[0])
-    if hasattr(out, "logits"):
-        return out.logits
-    raise TypeError(f"cannot compare model output of type {type(out).__name__}")
-
-
-def reference(original: nn.Module, x: torch.Tensor, norm_train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 reference output, float32 output) of the original model."""
+def reference(original: nn.Module, x: torch.Tensor, norm_train: bool):
+    """(float64 reference output, float32 output) of the original model, in its own output structure."""
     ref_model = set_mode(copy.deepcopy(original).double(), norm_train)
     f32_model = set_mode(copy.deepcopy(original), norm_train)
     with torch.no_grad():
-        return _first(ref_model(x.double())), _first(f32_model(x))
+        return ref_model(x.double()), f32_model(x)
 
 
-def check(candidate, ref: torch.Tensor, own: torch.Tensor, x: torch.Tensor) -> Exactness:
+def compare(out, ref, own) -> Exactness:
+    """The DESIGN.md §4 criterion for every tensor leaf of ``out`` against ``ref``; the worst leaf."""
+    got, want, mine = tensor_leaves(out), tensor_leaves(ref), tensor_leaves(own)
+    if [p for p, _ in got] != [p for p, _ in want] or any(a.shape != b.shape for (_, a), (_, b) in zip(got, want)):
+        raise AssertionError(f"internal error: the rewritten model's outputs {_describe(got)} differ in structure "
+                             f"from the original's {_describe(want)}")
+    worst = None
+    for (path, o), (_, r), (_, f) in zip(got, want, mine):
+        r = r.double()
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        own_err = float((f.double() - r).abs().max()) if r.numel() else 0.0
+        err = float((o.double() - r).abs().max()) if r.numel() else 0.0
+        e = Exactness(err, max(1e-5 * max(1.0, scale), 10 * own_err), own_err, scale, str(path))
+        if worst is None or e.ratio > worst.ratio:
+            worst = e
+    if worst is None:
+        raise AssertionError("internal error: the model returns no tensor to compare")
+    return worst
+
+
+def _describe(leaves) -> str:
+    return "[" + ", ".join(f"{p} {tuple(v.shape)}" for p, v in leaves) + "]"
+
+
+def check(candidate, ref, own, x: torch.Tensor, view=None) -> Exactness:
+    """``candidate(x)`` (read back through ``view``, e.g. ``Expansion.student_view``) against ``ref``."""
     with torch.no_grad():
-        out = _first(candidate(x)).double()
-    scale = float(ref.abs().max())
-    own_err = float((own.double() - ref).abs().max())
-    err = float((out - ref).abs().max())
-    return Exactness(err, max(1e-5 * max(1.0, scale), 10 * own_err), own_err, scale)
+        out = candidate(x)
+    return compare(view(out) if view else out, ref, own)
 
 
 def check_expansion(exp, x: torch.Tensor) -> dict[str, dict]:
     """Teacher and shared student against the original, BN in eval and train mode; both are left in
-    eval mode. Keys like 'teacher/eval', values {error, bound, ok}."""
+    eval mode. Keys like 'teacher/eval', values {error, bound, ok, leaf}; widened output leaves of the
+    teacher are read back to the student's channels first."""
     checks = {}
     for norm_train in (False, True):
         ref, own = reference(exp.original, x, norm_train)
-        for name, cand in (("teacher", exp.teacher), ("student", exp.student)):
-            e = check(set_mode(cand, norm_train), ref, own, x)
-            checks[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok}
+        for name, cand, view in (("teacher", exp.teacher, exp.student_view), ("student", exp.student, None)):
+            e = check(set_mode(cand, norm_train), ref, own, x, view)
+            checks[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok,
+                                                                     "leaf": e.leaf}
     set_mode(exp.teacher, False), set_mode(exp.student, False)
     return checks
+
+
+def max_rel_difference(a, b) -> tuple[float, str]:
+    """(worst max|a - b| / max(1, max|a|) over the tensor leaves of two outputs of one structure, its leaf)."""
+    pairs = list(zip(tensor_leaves(a), tensor_leaves(b)))
+    if not pairs or any(pa != pb or va.shape != vb.shape for (pa, va), (pb, vb) in pairs):
+        raise AssertionError("internal error: two outputs to compare differ in structure")
+    errs = [(float((va - vb).detach().abs().max()) / max(1.0, float(va.detach().abs().max())) if va.numel() else 0.0,
+             str(p)) for (p, va), (_, vb) in pairs]
+    return max(errs, key=lambda e: e[0])
+
+
+def check_shape(exp) -> tuple[list[int], str | None]:
+    """The input shape the checks use: the spec's, with the batch raised to 2 where train-mode BatchNorm
+    would see a single value per channel (e.g. after global pooling at batch 1, where it cannot run)."""
+    shape = list(exp.spec.input_shape)
+    modules = dict(exp.original.named_modules())
+    for node in exp.original.graph.nodes:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        arg = node.args[0] if node.args else None
+        in_shape = arg.meta.get("gpdc.shape") if hasattr(arg, "meta") else None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and in_shape and len(in_shape) > 1 \
+                and math.prod(in_shape) // in_shape[1] == 1:
+            shape[0] = 2
+            return shape, (f"the checks run at batch 2: at the spec's batch {exp.spec.input_shape[0]}, BatchNorm "
+                           f"'{node.target}' sees one value per channel, which it cannot normalise in train mode")
+    return shape, None

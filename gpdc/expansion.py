@@ -15,9 +15,11 @@ from torch import nn
 from .analyze import ChannelAnalysis, Group
 from .fold import fuse_conv_bn
 from .models import load_state_dict_strict
+from .outputs import LeafPath, OutputMap, map_leaves
 from .param_map import ParamMap
 from .pass_manager import run_passes
 from .plan import ExpansionPlan, plan_expansion
+from .errors import InternalError, SpecError
 from .spec import Spec, load_spec
 from .student import SharedStudent
 from .trace import trace
@@ -35,12 +37,21 @@ class Expansion:
     groups: list[Group]
     param_map: ParamMap
     plan: ExpansionPlan
+    output_maps: dict[LeafPath, OutputMap] = field(default_factory=dict)  # the widened (freed) output leaves
+    output_leaves: list[LeafPath] = field(default_factory=list)  # output leaves that carry channels
     log: list[str] = field(default_factory=list)
+
+    def student_view(self, teacher_output):
+        """The teacher's output with every widened leaf read back to the student's channels (equal to the
+        student's output at init): what feature distillation compares."""
+        return map_leaves(teacher_output, lambda p, v: self.output_maps[p].read(v) if p in self.output_maps else v)
 
     def report(self) -> dict:
         return {
             "strategy": self.plan.strategy,
+            "outputs": {str(p): ("widened" if p in self.output_maps else "pinned") for p in self.output_leaves},
             "groups": [g.summary() for g in self.groups],
+            "specialised_to_input": self.original.meta.get("gpdc.specialised", []),  # shape-dependent Python values
             "student_params": sum(p.numel() for p in self.original.parameters()),
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()),
         }
@@ -54,7 +65,9 @@ class Expansion:
         own = {k: v.detach().clone() for k, v in self.student.net.state_dict().items()}
         unknown = (set(params) | set(own)) - set(full)
         if unknown:
-            raise AssertionError(f"internal error: folded keys not in the model: {sorted(unknown)[:5]}")
+            raise InternalError(f"internal error in fold: the traced student has parameters or buffers that "
+                                f"{type(self.source).__name__} does not: {sorted(unknown)[:5]}. This is a gpdc bug; "
+                                "please report it with the model and spec.")
         out = OrderedDict((k, v.detach().clone()) for k, v in full.items())
         out.update(own)
         out.update(params)
@@ -88,7 +101,8 @@ def expand(
 
     spec = load_spec(spec)
     student = trace(model, spec.input_shape, leaf_modules, leaf_functions)
-    analysis = ChannelAnalysis(student)
+    analysis = ChannelAnalysis(student, spec.expand.free_outputs)
+    _check_free_outputs(spec.expand.free_outputs, analysis)
     plan = plan_expansion(analysis, spec)
     param_map = ParamMap()
     pipeline = (
@@ -98,4 +112,14 @@ def expand(
     teacher, results = run_passes(student, pipeline)
     shared = SharedStudent(student, teacher, param_map)
     log = [f"[{p.name}] {line}" for p, r in zip(pipeline, results) for line in r.log]
-    return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan, log)
+    return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan,
+                     results[0].artifacts["output_maps"], [*analysis.pinned_outputs, *analysis.free_outputs], log)
+
+
+def _check_free_outputs(patterns: list[str], an: ChannelAnalysis) -> None:
+    leaves = [*an.pinned_outputs, *an.free_outputs]
+    for pattern in patterns:
+        if not any(p.matches([pattern]) for p in leaves):
+            names = ", ".join(f"'{p.key}'" for p in leaves if p.key) or "none (the output is a single tensor)"
+            raise SpecError(f"expand.free_outputs: '{pattern}' matches no output of the model that carries channels. "
+                            f"Its output leaves are {names}; use their dotted paths or globs such as 'feats.*'.")

@@ -22,25 +22,45 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from .errors import GpdcError
+from .outputs import tensor_leaves
+
 OPSET = 17
 
 
+class _TensorLeaves(nn.Module):
+    """The model with its output flattened to a tuple of its tensor leaves (ONNX outputs are flat)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(v for _, v in tensor_leaves(self.model(x)))
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = OPSET) -> Path:
+    """Write ``model`` as ONNX, one output per tensor leaf of its output, named after the leaf's path."""
     path = Path(path)
     model = model.eval()
+    with torch.no_grad():
+        leaves = tensor_leaves(model(example))
+    names = [p.onnx_name for p, _ in leaves]
+    batch_axes = {n: {0: "batch"} for n, (_, v) in zip(names, leaves) if v.dim() and v.shape[0] == example.shape[0]}
+    flat = _TensorLeaves(model).eval()  # the exporter restores the wrapper's mode, recursively, afterwards
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             try:  # the TorchScript exporter: fast, and opset 17 exactly
-                torch.onnx.export(model, (example,), tmp, opset_version=opset, dynamo=False,
-                                  input_names=["input"], output_names=["output"],
-                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+                torch.onnx.export(flat, (example,), tmp, opset_version=opset, dynamo=False,
+                                  input_names=["input"], output_names=names,
+                                  dynamic_axes={"input": {0: "batch"}, **batch_axes})
             except Exception:  # ops it cannot express (e.g. adaptive pooling to a non-divisor size)
                 batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(model, (example,), tmp, opset_version=max(opset, 18), dynamo=True,
-                                  input_names=["input"], output_names=["output"],
+                torch.onnx.export(flat, (example,), tmp, opset_version=max(opset, 18), dynamo=True,
+                                  input_names=["input"], output_names=names,
                                   dynamic_shapes=({0: batch},), verbose=False)
         onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
@@ -74,30 +94,56 @@ def _session(path: Path, optimize: bool) -> ort.InferenceSession:
 
 def check_onnx(path: str | Path, model: nn.Module, inputs: torch.Tensor, atol: float = 1e-4, rtol: float = 0.0,
                min_cosine: float = 0.99999) -> Equivalence:
-    """Compare onnxruntime (optimisations off and on) with PyTorch on ``inputs``."""
+    """Compare onnxruntime (optimisations off and on) with PyTorch on ``inputs``, every output leaf by name.
+
+    An ONNX file whose inputs or outputs do not fit the model (another model's file) is bad input, not a
+    numerical failure: ``OnnxMismatchError``."""
     with torch.no_grad():
-        ref = model.eval()(inputs)
-    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    refs = [r.detach().double().numpy() for r in refs]
-    worst = None
+        refs = {p.onnx_name: v.detach().double().numpy() for p, v in tensor_leaves(model.eval()(inputs))}
+    rows = []
     for optimize in (False, True):
-        sess = _session(Path(path), optimize)
-        outs = sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})
-        names = [o.name for o in sess.get_outputs()]
-        for name, r, o in zip(names, refs, outs):
-            o = o.astype(np.float64)
-            if o.shape != r.shape:
-                return Equivalence(False, float("inf"), float("inf"), 0.0, 0.0, 0.0, name, f"shape {o.shape} != {r.shape}")
-            diff = np.abs(o - r)
-            scale = float(np.abs(r).max()) if r.size else 0.0
-            cos = float((o.ravel() @ r.ravel()) / (np.linalg.norm(o) * np.linalg.norm(r) + 1e-30)) if r.size else 1.0
-            max_rel = float((diff / np.maximum(np.abs(r), 1e-6 * max(1.0, scale))).max()) if r.size else 0.0
-            tol = atol * max(1.0, scale) + rtol * scale
-            row = Equivalence(bool(diff.max() <= tol and cos >= min_cosine), float(diff.max()), max_rel, cos, scale, tol,
-                              name, "ort optimisations " + ("on" if optimize else "off"))
-            if worst is None or (row.max_abs / max(row.tolerance, 1e-30)) > (worst.max_abs / max(worst.tolerance, 1e-30)) \
-                    or not row.ok and worst.ok:
-                worst = row
-    all_ok = worst.ok
-    return Equivalence(all_ok, worst.max_abs, worst.max_rel, worst.cosine, worst.scale, worst.tolerance,
-                       worst.worst_output, worst.worst_setting)
+        outs = _run_onnx(Path(path), inputs, optimize)
+        if len(outs) == len(refs) == 1:  # a single output: its name does not matter
+            outs = {next(iter(refs)): next(iter(outs.values()))}
+        if set(outs) != set(refs):
+            raise OnnxMismatchError(f"the ONNX file {path} does not fit the model: its outputs are "
+                                    f"{sorted(outs)}, the model's output leaves are {sorted(refs)}. Pass the ONNX "
+                                    "file written for this model.")
+        for name, r in refs.items():
+            rows.append(_compare(outs[name].astype(np.float64), r, name, optimize, atol, rtol, min_cosine))
+    return max(rows, key=lambda row: (not row.ok, row.max_abs / max(row.tolerance, 1e-30)))
+
+
+class OnnxMismatchError(GpdcError):
+    """The ONNX file's inputs or outputs do not fit the PyTorch model."""
+
+
+def _run_onnx(path: Path, inputs: torch.Tensor, optimize: bool) -> dict[str, np.ndarray]:
+    sess = _session(path, optimize)
+    feeds = sess.get_inputs()
+    if len(feeds) != 1:
+        raise OnnxMismatchError(f"the ONNX file {path} takes {len(feeds)} inputs; gpdc models take one tensor.")
+    try:
+        outs = sess.run(None, {feeds[0].name: inputs.numpy()})
+    except Exception as e:  # onnxruntime reports shape/type mismatches as several exception types
+        raise OnnxMismatchError(f"onnxruntime cannot run {path} on an input of shape {tuple(inputs.shape)}: "
+                                f"{str(e).strip().splitlines()[-1][:300]}. Is it the ONNX file of this model?") from None
+    return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+
+
+def _compare(o: np.ndarray, r: np.ndarray, name: str, optimize: bool, atol: float, rtol: float,
+             min_cosine: float) -> Equivalence:
+    setting = "ort optimisations " + ("on" if optimize else "off")
+    if o.shape != r.shape:
+        return Equivalence(False, float("inf"), float("inf"), 0.0, 0.0, 0.0, name, f"{setting}: shape {o.shape} != {r.shape}")
+    if not r.size:
+        return Equivalence(True, 0.0, 0.0, 1.0, 0.0, atol, name, setting)
+    diff = np.abs(o - r)
+    scale = float(np.abs(r).max())
+    cos = float((o.ravel() @ r.ravel()) / (np.linalg.norm(o) * np.linalg.norm(r) + 1e-30))
+    if not np.linalg.norm(r) and not np.linalg.norm(o):
+        cos = 1.0  # two all-zero outputs are equal
+    max_rel = float((diff / np.maximum(np.abs(r), 1e-6 * max(1.0, scale))).max())
+    tol = atol * max(1.0, scale) + rtol * scale
+    ok = bool(diff.max() <= tol and cos >= min_cosine)
+    return Equivalence(ok, float(diff.max()), max_rel, cos, scale, tol, name, setting)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .errors import GpdcError
+from .errors import GpdcError, InternalError
 
 
 @dataclass
@@ -22,8 +22,8 @@ class PassResult:
     log: list[str] = field(default_factory=list)  # one line per rewrite, printed by --explain
 
 
-class PassError(RuntimeError):
-    """A pass produced an invalid graph (a gpdc bug, not bad input)."""
+class PassError(InternalError):
+    """A pass failed or produced an invalid graph (a gpdc bug, not bad input)."""
 
 
 class Pass:
@@ -38,12 +38,14 @@ class Pass:
         except GpdcError:
             raise
         except Exception as e:
-            raise PassError(f"pass '{self.name}' failed: {type(e).__name__}: {e}") from e
+            raise PassError(f"internal error in pass '{self.name}': {type(e).__name__}: {e}. This is a gpdc bug; "
+                            "please report it with the model and spec.") from e
         try:
             result.graph_module.graph.lint()
             result.graph_module.recompile()
         except Exception as e:
-            raise PassError(f"pass '{self.name}' produced an invalid graph: {e}") from e
+            raise PassError(f"internal error: pass '{self.name}' produced an invalid graph: {e}. This is a gpdc bug; "
+                            "please report it with the model and spec.") from e
         return result
 
 

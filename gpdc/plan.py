@@ -13,6 +13,7 @@ over the student's channels, so multiplicities differ by at most one block (METH
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +72,7 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
                 f"expand.layers: the pattern '{key}' matches no layer of the model. Layer names are module "
                 f"paths such as {', '.join(repr(n) for n in (close or all_layers[:3]))}; check the spelling or use a glob like 'layer4.*'."
             )
-    maps, group_of_root = {}, {}
+    group_of_root = {}
     for g in groups:
         for s in g.spaces:
             group_of_root[an.find(s)] = g.id
@@ -103,10 +104,26 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
             g.ratio, g.rule = spec.expand.ratio, "default expand.ratio"
         if g.teacher_width is None:
             g.teacher_width = teacher_width(g.width, g.ratio, g.quantum)
-        maps[g.id] = ChannelMap.build(g.width, g.teacher_width, g.quantum)
     if all(g.pinned for g in groups):
         raise RuleError(_nothing_widens(an))
+    _check_memory(an, groups)
+    maps = {g.id: ChannelMap.build(g.width, g.teacher_width, g.quantum) for g in groups}
     return ExpansionPlan(groups, maps, group_of_root, spec.expand.strategy)
+
+
+def _check_memory(an: ChannelAnalysis, groups: list[Group]) -> None:
+    """Refuse a plan whose teacher parameters alone would not fit in this machine's memory: a weight
+    grows with the ratios of its input and output groups, so ``r_max²`` times the student's bounds it."""
+    r_max = max(g.teacher_width / max(g.width, 1) for g in groups)
+    need = sum(p.numel() * p.element_size() for p in an.gm.parameters()) * r_max ** 2
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else float("inf")
+    worst = max(groups, key=lambda g: g.teacher_width / max(g.width, 1))
+    if need > have:
+        raise SpecError(
+            f"the teacher would not fit in memory: group {worst.id} ({', '.join(worst.layers[:2]) or 'no layer'}) widens "
+            f"{worst.width} -> {worst.teacher_width} channels ({worst.rule}), so its weights alone need up to "
+            f"~{need / 2**30:,.1f} GiB (the student's times {r_max:.3g}²), more than this machine's "
+            f"{have / 2**30:,.1f} GiB. Use a smaller expand.ratio (the paper uses 2).")
 
 
 def _nothing_widens(an: ChannelAnalysis) -> str:
@@ -115,9 +132,16 @@ def _nothing_widens(an: ChannelAnalysis) -> str:
     why = (f" The model computes {functional[0].target.__name__} functionally at node '{functional[0].name}' (in "
            f"'{functional[0].meta.get('gpdc.scope', '')}'), e.g. with standardised weights; gpdc widens Conv/Linear "
            "modules and layers with a registered rule only." if functional else "")
-    return ("no channel group of this model can widen: every group's channels are pinned (they reach the logits or "
-            f"meet the data input) or come from ops gpdc has no producer rule for.{why} Register a rule for the "
-            "layer type (gpdc.register_module_rule) to widen it.")
+    features = [p for p in an.pinned_outputs if p.key]
+    if features:
+        keys = ", ".join(f"'{p.key}'" for p in features[:6]) + (", ..." if len(features) > 6 else "")
+        glob = features[-1].key.rsplit(".", 1)[0] + ".*" if "." in features[-1].key else features[-1].key
+        why += (f" The model returns {len(features)} output tensors ({keys}) and outputs keep their width unless the "
+                f"spec frees them: add its feature outputs to expand.free_outputs (e.g. ['{glob}']) so they widen (the "
+                "Expansion's output_maps read the student's channels back out of them).")
+    return ("no channel group of this model can widen: every group's channels are pinned (they reach the model's "
+            f"outputs or meet the data input) or come from ops gpdc has no producer rule for.{why} Otherwise register "
+            "a rule for the layer type (gpdc.register_module_rule) to widen it.")
 
 
 def _path_between(an: ChannelAnalysis, g: Group, layer1: str, layer2: str) -> str:

@@ -14,6 +14,7 @@ that couples them).
 from __future__ import annotations
 
 import fnmatch
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SpecError
+
+
+_NON_FINITE_HINT = " (YAML reads .inf, .nan and numbers too large for a float, like 1e400, as non-finite)"
 
 
 class ExpandSpec(BaseModel):
@@ -43,10 +47,19 @@ class ExpandSpec(BaseModel):
         description="Per-layer ratio overrides. Keys are exact module names (e.g. 'layer4.1.conv2') "
         "or glob patterns (e.g. 'layer4.*'); values are ratios >= 1 (1 keeps that group's width).",
     )
+    free_outputs: list[str] = Field(
+        default_factory=list,
+        description="Output leaves that may widen (feature outputs for distillation), as globs over their dotted "
+        "path ('1.feats.*', 'aux'; a glob may match a trailing part: 'feats.*'). Every other output keeps its width; "
+        "the Expansion's output_maps read the student's channels back out of widened ones.",
+    )
 
     @field_validator("ratio")
     @classmethod
     def _ratio_above_one(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"the default expansion ratio must be a finite number > 1, got {v}"
+                             f"{_NON_FINITE_HINT}; use e.g. 2.0 or 1.5")
         if not v > 1.0:
             raise ValueError(f"the default expansion ratio must be > 1, got {v}; use e.g. 2.0 or 1.5")
         return v
@@ -55,6 +68,9 @@ class ExpandSpec(BaseModel):
     @classmethod
     def _layer_ratios(cls, v: dict[str, float]) -> dict[str, float]:
         for key, r in v.items():
+            if not math.isfinite(r):
+                raise ValueError(f"layer rule '{key}' has ratio {r}{_NON_FINITE_HINT}; per-layer ratios must be "
+                                 "finite numbers >= 1 (1 keeps the group's width, > 1 widens it)")
             if not r >= 1.0:
                 raise ValueError(
                     f"layer rule '{key}' has ratio {r}; per-layer ratios must be >= 1 "
@@ -83,7 +99,7 @@ class BranchSpec(BaseModel):
 class TrainSpec(BaseModel):
     """GPD training (METHOD.md §4). The CLI overrides the common fields (--epochs, --lr, --batch-size, --seed)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # 1e400 / .inf / .nan: "a finite number"
 
     epochs: int = Field(30, ge=1, description="Training epochs.")
     batch_size: int = Field(64, ge=1, description="Global batch size (split across DDP ranks).")
@@ -109,6 +125,11 @@ class TrainSpec(BaseModel):
     sce_temperature: float = Field(1.0, gt=0, description="Temperature of that soft cross-entropy.")
     static_teacher_train_mode: bool = Field(
         False, description="Run the static teacher in train mode like the reference code; eval mode is the sound default.")
+    logits: str | None = Field(
+        None, description="The student's output leaf that holds the logits, as a dotted path ('0', 'out', 'logits') for "
+        "models that return a structure; default: a tensor output, else the one leaf named 'logits' or 'out', else the "
+        "first tensor leaf.")
+    teacher_logits: str | None = Field(None, description="The same for the static teacher's output.")
     student_grad: Literal["paper", "balanced"] = Field(
         "paper", description="'paper': the student's gradient reaches the shared slice scaled by the IR multiplicity m "
         "(an m² step in student coordinates, the reference behaviour); 'balanced': divided back, a plain step.")
@@ -159,10 +180,20 @@ def load_spec(spec: "Spec | dict | str | Path | None") -> Spec:
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         source = str(path)
+        if path.is_dir():
+            raise SpecError(f"spec file {path} is a folder, not a file; pass the path of a YAML spec such as "
+                            "specs/r18.yaml.")
         if not path.is_file():
             raise SpecError(f"spec file {path} does not exist; pass the path of a YAML spec such as specs/r18.yaml.")
         try:
-            spec = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8-sig")  # a BOM is fine
+        except UnicodeDecodeError as e:
+            raise SpecError(f"spec file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8 YAML.") from None
+        except OSError as e:
+            raise SpecError(f"cannot read spec file {path} ({e.strerror}); check its permissions.") from None
+        try:
+            spec = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise SpecError(f"spec file {path} is not valid YAML ({e}); fix the syntax at the line shown.") from None
     if not isinstance(spec, dict):

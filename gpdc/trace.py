@@ -3,6 +3,9 @@
 * Leaf modules and leaf functions (``register_leaf_module`` / ``register_leaf_function``) are
   kept as single nodes; users extend the registry for code torch.fx cannot trace.
 * Every node gets ``node.meta["gpdc.scope"]``: the qualified name of the module that owns it.
+* With an example input the tracer is concrete (``concrete_trace``): Python control flow and ``int()``
+  on the input's shape are evaluated and recorded in ``gm.meta["gpdc.specialised"]`` (dicts with
+  ``where``, ``code``, ``value``, ``scope``), as are the defaults used for forward's other arguments.
 * Shape propagation from the spec's ``input_shape`` stores ``node.meta["gpdc.shape"]`` for tensor
   values and ``node.meta["gpdc.value"]`` for small non-tensor values (sizes, ints), which the
   channel analysis reads to evaluate reshapes.
@@ -13,6 +16,7 @@ The user's module is never mutated: tracing works on a deep copy.
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 import sys
 import traceback
@@ -22,7 +26,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from .concrete_trace import ConcreteTracer, ValueDependentError, forward_defaults, has_tensor, is_internal, shapes
+from .errors import GpdcError, TraceError
 
 _LEAF_MODULES: set[type] = set()
 _LEAF_FUNCTIONS: set[Callable] = set()
@@ -52,27 +57,40 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(fx_features.get_notrace_modules()), tuple(fx_features.get_notrace_functions())
 
 
-class GpdcTracer(fx.Tracer):
-    """A Tracer that honours the leaf registry and records the owning module of each node."""
+class GpdcTracer(ConcreteTracer):
+    """A Tracer that honours the leaf registry, records the owning module of each node and the innermost
+    module being traced when tracing fails."""
 
-    def __init__(self, leaf_modules: tuple[type, ...] = (), leaf_functions: tuple[Callable, ...] = ()):
+    def __init__(self, leaf_modules: tuple[type, ...] = (), leaf_functions: tuple[Callable, ...] = (),
+                 example: torch.Tensor | None = None):
         timm_modules, timm_functions = _timm_notrace()
         fns = tuple(_LEAF_FUNCTIONS) + tuple(leaf_functions) + timm_functions
-        super().__init__(autowrap_functions=tuple(f for f in fns if callable(f) and hasattr(f, "__name__")))
+        super().__init__(example, autowrap_functions=tuple(f for f in fns if callable(f) and hasattr(f, "__name__")))
         self.leaf_types = tuple(_LEAF_MODULES) + tuple(leaf_modules) + timm_modules
         self._owner: list[str] = [""]
+        self._failure: tuple[BaseException, str] | None = None
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        if self.evaluating:  # a leaf module running on example values, not traced
+            return super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         self._owner.append(name)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if self._failure is None or self._failure[0] is not e:  # the first module to see it is the innermost
+                self._failure = (e, name)
+            raise
         finally:
             self._owner.pop()
+
+    def failed_in(self, e: BaseException) -> str:
+        """The qualified name of the innermost module being traced when ``e`` was raised ('' for the root)."""
+        return self._failure[1] if self._failure is not None and self._failure[0] is e else ""
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
@@ -81,8 +99,8 @@ class GpdcTracer(fx.Tracer):
 
 
 def _user_frame(tb) -> str:
-    """The innermost traceback frame outside torch: where the user's code failed."""
-    frames = [f for f in traceback.extract_tb(tb) if "/torch/" not in f.filename and "/gpdc/" not in f.filename]
+    """The innermost traceback frame outside torch and gpdc: where the user's code failed."""
+    frames = [f for f in traceback.extract_tb(tb) if not is_internal(f.filename)]
     if not frames:
         return "an unknown line"
     f = frames[-1]
@@ -90,35 +108,64 @@ def _user_frame(tb) -> str:
     return f"{f.filename}:{f.lineno} (`{line}`)"
 
 
+def _defined_at(cls: type) -> str:
+    """``file:line`` of a class definition, for pointing users at the module that failed."""
+    try:
+        return f"{inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]}"
+    except (OSError, TypeError):
+        return f"module {cls.__module__}"
+
+
+def _trace_error(model: nn.Module, tracer: GpdcTracer, e: Exception, tb) -> TraceError:
+    """One paragraph: the innermost module being traced, the user's line that failed, and advice that can work."""
+    name = tracer.failed_in(e)
+    cls = type(model.get_submodule(name))
+    scope = f"in module '{name}'" if name else "in the top-level module"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    problem = first if isinstance(e, GpdcError) else f"{type(e).__name__}: {first}"
+    if name:
+        hide = (f"keep the module out of the graph with gpdc.register_leaf_module({cls.__name__}) (or "
+                "leaf_modules=...); if widened channels reach it, gpdc then also needs a channel rule for it: "
+                f"gpdc.register_module_rule({cls.__name__}, rule)")
+    else:
+        hide = ("move that part into a submodule registered with gpdc.register_leaf_module, or into a module-level "
+                "function registered with gpdc.register_leaf_function")
+    if isinstance(e, ValueDependentError):
+        advice = f"Compute that value from shapes only (x.shape, x.size()), or {hide}."
+    else:
+        advice = f"Code torch.fx cannot trace must be hidden from it: {hide}."
+    return TraceError(
+        f"torch.fx cannot trace {type(model).__name__}: {scope} ({cls.__name__}, defined at {_defined_at(cls)}), "
+        f"at {_user_frame(tb)}: {problem}. {advice}"
+    )
+
+
 def symbolic_trace(
     model: nn.Module,
     leaf_modules: tuple[type, ...] = (),
     leaf_functions: tuple[Callable, ...] = (),
+    example: torch.Tensor | None = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` (a copy of it, in eval mode) into a GraphModule; GraphModules pass through."""
+    """Trace ``model`` (a copy of it, in eval mode) into a GraphModule; GraphModules pass through.
+
+    With an ``example`` input, Python values computed from its shape are specialised (see the module docs)."""
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
         for node in gm.graph.nodes:
             node.meta.setdefault("gpdc.scope", node.target if node.op == "call_module" else "")
+        gm.meta.setdefault("gpdc.specialised", [])
         return gm
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or torch.fx.GraphModule, got {type(model).__name__}.")
+    defaults = forward_defaults(type(model))
     model = copy.deepcopy(model).eval()
-    tracer = GpdcTracer(leaf_modules, leaf_functions)
+    tracer = GpdcTracer(leaf_modules, leaf_functions, example)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many types here; all mean "not traceable"
-        scope = tracer._owner[-1] or "(the top-level module)"
-        owner = type(model.get_submodule(tracer._owner[-1])).__name__ if tracer._owner[-1] else type(model).__name__
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: inside module '{scope}' ({owner}) at "
-            f"{_user_frame(sys.exc_info()[2])}: {type(e).__name__}: {first}. Data-dependent control flow "
-            f"or untraceable ops must be hidden from the tracer: register the module with "
-            f"gpdc.register_leaf_module({owner}) (or pass leaf_modules=...), or a function with "
-            f"gpdc.register_leaf_function(fn)."
-        ) from None
+        raise _trace_error(model, tracer, e, sys.exc_info()[2]) from None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta["gpdc.specialised"] = defaults + tracer.specialised
     return gm
 
 
@@ -127,28 +174,10 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        n.meta["gpdc.shape"] = _shapes(out)
-        if not _has_tensor(out):
+        n.meta["gpdc.shape"] = shapes(out)
+        if not has_tensor(out):
             n.meta["gpdc.value"] = out
         return out
-
-
-def _has_tensor(v) -> bool:
-    if isinstance(v, torch.Tensor):
-        return True
-    if isinstance(v, (list, tuple)):
-        return any(_has_tensor(x) for x in v)
-    if isinstance(v, dict):
-        return any(_has_tensor(x) for x in v.values())
-    return False
-
-
-def _shapes(v):
-    if isinstance(v, torch.Tensor):
-        return tuple(v.shape)
-    if isinstance(v, (list, tuple)) and _has_tensor(v):
-        return tuple(_shapes(x) for x in v)
-    return None
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor | tuple) -> None:
@@ -166,8 +195,9 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor | tuple) -> None:
 
 
 def trace(model: nn.Module, input_shape, leaf_modules=(), leaf_functions=()) -> fx.GraphModule:
-    """Trace ``model`` and propagate shapes for a random input of ``input_shape``."""
-    gm = symbolic_trace(model, leaf_modules, leaf_functions)
-    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
-    propagate_shapes(gm, torch.randn(*input_shape, dtype=dtype))
+    """Trace ``model`` concretely on a random input of ``input_shape`` and propagate shapes for it."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    example = torch.randn(*input_shape, dtype=next((p.dtype for p in params), torch.float32))
+    gm = symbolic_trace(model, leaf_modules, leaf_functions, example)
+    propagate_shapes(gm, example)
     return gm

@@ -74,7 +74,7 @@ def build(ref: str, num_classes: int = 10, cnn_size: int = 64) -> tuple[nn.Modul
 def fold_into_fresh(exp, ref: str, x: torch.Tensor) -> tuple[nn.Module, float]:
     """A fresh ``ref`` model with the folded student loaded strict (as from student.safetensors), and its
     error against the shared student (eval mode), relative to ``max(1, max|output|)``."""
-    from .exactness import set_mode
+    from .exactness import max_rel_difference, set_mode
     from .models import load_state_dict_strict
 
     fresh, _ = build(ref)
@@ -82,4 +82,4 @@ def fold_into_fresh(exp, ref: str, x: torch.Tensor) -> tuple[nn.Module, float]:
     fresh.eval()
     with torch.no_grad():
         a, b = set_mode(exp.student, False)(x), fresh(x)
-    return fresh, float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
+    return fresh, max_rel_difference(a, b)[0]

@@ -19,8 +19,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from gpdc.analyze import ChannelAnalysis
+from gpdc.analyze import ChannelAnalysis, rule_errors
 from gpdc.layout import SUB_BITS, Layout, TeacherLayout
+from gpdc.outputs import OutputMap
 from gpdc.param_map import ParamMap
 from gpdc.pass_manager import Pass, PassResult
 from gpdc.plan import ExpansionPlan
@@ -45,7 +46,8 @@ class InverseReparameterization(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ex = _Expander(gm, self.an, self.plan, self.param_map)
         teacher = ex.run()
-        return PassResult(teacher, True, artifacts={"param_map": ex.param_map, "layouts": ex.tl}, log=ex.lines)
+        return PassResult(teacher, True, artifacts={"param_map": ex.param_map, "layouts": ex.tl,
+                                                    "output_maps": ex.output_maps()}, log=ex.lines)
 
 
 class _Expander:
@@ -68,7 +70,8 @@ class _Expander:
         for node in self.gm.graph.nodes:
             rule = self.an.rules.get(node)
             if rule is not None:
-                rule.expand(node, self)
+                with rule_errors("expand", node, rule):
+                    rule.expand(node, self)
             else:
                 self._passthrough(node)
         root = nn.Module()
@@ -84,6 +87,14 @@ class _Expander:
         if missing:
             raise AssertionError(f"internal error: no ParamMap entry for student parameters {missing[:5]}")
         return teacher
+
+    def output_maps(self) -> dict:
+        """For each freed output leaf: the teacher positions of the first copies of the student's channels."""
+        maps = {}
+        for path, node in self.an.free_outputs.items():
+            L, T = self.an.layouts[node], self.tl[node]
+            maps[path] = OutputMap(L.dim, torch.as_tensor(T.positions_of(self.keys(L))), T.width)
+        return maps
 
     def _passthrough(self, node: fx.Node) -> None:
         if node.op == "call_module":
@@ -165,6 +176,8 @@ class _Expander:
 
     def buffer(self, node: fx.Node, hint: str, t: torch.Tensor) -> fx.Node:
         name = f"{node.name}_{hint}"
+        while hasattr(self.index_buffers, name):  # several selections in one node
+            name += "_"
         self.index_buffers.register_buffer(name, t, persistent=False)
         return self.graph.get_attr(f"gpdc_index.{name}")
 

@@ -23,7 +23,7 @@ def test_schema_lists_every_field_with_a_description():
     assert r.returncode == 0
     schema = json.loads(r.stdout)
     expand = schema["$defs"]["ExpandSpec"]["properties"]
-    assert set(expand) == {"ratio", "strategy", "layers"}
+    assert set(expand) == {"ratio", "strategy", "layers", "free_outputs"}
     assert all(p.get("description") for p in expand.values())
 
 

@@ -90,16 +90,19 @@ class BinaryRule(Rule):
         ref = carried[0][1]
         nd = len(out_shape)
         first = None
+        gathers = {}  # input-independent tensors that meet the channels: gathered per teacher channel
         for a, L in lays:
             shape = a.meta["gpdc.shape"]
             offset = nd - len(shape)
             if L is None:
                 d = ref.dim - (len(carried[0][0].meta["gpdc.shape"]) - len(shape))
-                if d >= 0 and shape[d] == ref.width and ref.width > 1:
-                    L = follow(a, ref.with_dim(d), carried[0][0], an) or an.pinned_layout(
-                        node, d, ref.width, f"meets the unwidened tensor '{a.name}' channel for channel")
-                else:
+                if not (d >= 0 and shape[d] == ref.width and ref.width > 1):
                     continue
+                L = follow(a, ref.with_dim(d), carried[0][0], an)
+                if L is None and not an.depends_on_input(a):  # e.g. FrozenBatchNorm2d's scale from its buffers
+                    gathers[a] = ref.with_dim(d)
+                    continue
+                L = L or an.pinned_layout(node, d, ref.width, f"meets the unwidened tensor '{a.name}' channel for channel")
             out_dim = L.dim + offset
             if shape[L.dim] == 1 and out_shape[out_dim] > 1:
                 continue  # broadcast along the channel dim: nothing to couple
@@ -110,22 +113,23 @@ class BinaryRule(Rule):
                 if first.dim != L.dim:
                     raise RuleError(f"node {node.name} combines tensors whose channels sit in different dims ({first.dim}, {L.dim}).")
                 an.couple(first, L, node)
-        an.info[node] = {"out": first}
+        an.info[node] = {"out": first, "gathers": gathers}
         return first
 
     def expand(self, node: fx.Node, ex) -> None:
-        first = ex.an.info[node]["out"]
-        args = list(node.args)
-        TO = None
+        first, gathers = ex.an.info[node]["out"], ex.an.info[node]["gathers"]
+        carried = [ex.tl.get(a) for a in node.args if isinstance(a, fx.Node)]
+        TO = next((T for T in carried if T is not None and not isinstance(T, tuple)), None)
         new_args = []
-        for a in args:
+        for a in node.args:
             na = ex.arg(a)
             T = ex.tl.get(a) if isinstance(a, fx.Node) else None
-            if T is not None and not isinstance(T, tuple):
-                if TO is None:
-                    TO = T
-                elif not (vars_equal(T, TO)):
-                    na = ex.index_select(node, na, T.dim, _align(T, TO))
+            if a in gathers:
+                Lc = gathers[a]
+                na = ex.index_select(node, na, Lc.dim, ex.student_pos(Lc, TO))
+                ex.log(node, f"input-independent '{a.name}' gathered to the teacher's {TO.width} channels")
+            elif T is not None and not isinstance(T, tuple) and T is not TO and not vars_equal(T, TO):
+                na = ex.index_select(node, na, T.dim, _align(T, TO))
             new_args.append(na)
         if TO is not None:
             TO = TO.take(slice(None), dim=first.dim)

@@ -29,7 +29,7 @@ from . import distributed
 from .data import Data, load_data
 from .ema import EMA
 from .plot import plot_gap
-from .step import Models, train_step
+from .step import Logits, Models, logits_of, train_step
 
 
 def load_weights(model: nn.Module, path: str, what: str) -> None:
@@ -132,8 +132,11 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         static.requires_grad_(False)
         static.train(cfg.static_teacher_train_mode)
     x0 = data.train[0][0].unsqueeze(0)
+    logits = logits_of(model.eval(), x0, cfg.logits, "the student")
+    if static is not None:
+        static = logits_of(static, x0, cfg.teacher_logits, "the static teacher")
     with torch.no_grad():
-        n_out = model.eval()(x0).shape[-1]
+        n_out = logits(x0).shape[-1]
     if n_out != data.num_classes:
         raise GpdcError(f"the student has {n_out} outputs but {data.name} has {data.num_classes} classes; build the "
                         "model with a matching classifier.")
@@ -142,10 +145,12 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         exp = expand(model, spec.model_copy(update={"input_shape": [2, *x0.shape[1:]]}))
         exp.student.balanced_grad = cfg.student_grad == "balanced"
         exp.teacher.to(device), exp.student.to(device)
-        models = Models(list(exp.teacher.parameters()), exp.student, exp.teacher, static)
+        student, teacher = (exp.student, exp.teacher) if logits is model else (
+            Logits(exp.student, logits.path), Logits(exp.teacher, logits.path))
+        models = Models(list(exp.teacher.parameters()), student, teacher, static)
     else:
         model.to(device)
-        models = Models(list(model.parameters()), model, None, static)
+        models = Models(list(model.parameters()), logits, None, static)
     if static is not None:
         static.to(device)
     optimizer = _optimizer(cfg, models.params)
@@ -195,7 +200,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         swap = ema.swapped(models.params) if ema is not None else nullcontext()
         with swap:
             student_acc = evaluate(models.student, data, rank, world, device)
-            teacher_acc = evaluate(exp.teacher, data, rank, world, device) if exp is not None else None
+            teacher_acc = evaluate(models.teacher, data, rank, world, device) if exp is not None else None
         row = {"epoch": epoch + 1, "student_acc": student_acc, "teacher_acc": teacher_acc, "static_acc": static_acc,
                **{k: v / max(steps, 1) for k, v in sums.items()}, "lr": lr_now,
                "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1)}

@@ -13,9 +13,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..outputs import LeafPath, logits_path, pick
 from ..spec import TrainSpec
 from . import distributed
 from .losses import dkd, hinton_kd, soft_cross_entropy
+
+
+class Logits(nn.Module):
+    """A model that returns a structure (``(logits, feats)``, a dict), seen through its logits leaf."""
+
+    def __init__(self, model: nn.Module, path: LeafPath):
+        super().__init__()
+        self.model, self.path = model, path
+
+    def forward(self, x):
+        return pick(self.model(x), self.path)
+
+
+def logits_of(model: nn.Module, x, key: str | None, what: str) -> nn.Module:
+    """``model`` itself if it returns a tensor, else ``Logits`` of the leaf ``key`` (or the default leaf)."""
+    was = model.training
+    with torch.no_grad():
+        out = model.eval()(x)
+    model.train(was)
+    if isinstance(out, torch.Tensor) and key is None:
+        return model
+    return Logits(model, logits_path(out, key, what))
 
 
 @dataclass
