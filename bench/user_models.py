@@ -5,10 +5,11 @@ statistics and FrozenBatchNorm2d buffers, batch 2, 32×32 for the CIFAR models a
 
 * expand at r = 1.5 with ``replicate`` and with ``grow``; teacher and shared student against a float64 reference
   (norms in eval and train mode, DESIGN.md §4): "exact" with the worst error / bound over the 8 checks;
-* the output structure of ``model(x)`` (from its pytree) and the coupled channel groups: widened (ratio > 1) and
-  pinned (kept at the student's width, e.g. because they reach a pinned output);
-* fold: ``fold_state_dict()`` loaded strict into a fresh build equals the shared student on every tensor leaf
-  (within 1e-5 relative to max(1, max|leaf|));
+* the output structure of ``model(x)`` (from its pytree), whether teacher and shared student return the same one
+  ("same structure"), and the coupled channel groups: widened (ratio > 1) and pinned (kept at the student's width,
+  e.g. because they reach a pinned output);
+* fold (of the ``grow`` expansion): ``fold_state_dict()`` loaded strict into a fresh build equals the shared
+  student on every tensor leaf (within 1e-5 relative to max(1, max|leaf|));
 * compile: ``gpdc.compile.compile_model`` (branches, checks, fold, ONNX export, onnxruntime check) in-process.
 
 Each builder runs in its own process (memory, time limit). Writes bench/results/user_models.json.
@@ -101,10 +102,10 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def max_rel_leaf_error(a, b) -> float:
-    """Worst max|a - b| / max(1, max|a|) over the tensor leaves of two outputs of one structure."""
-    la, sa = torch.utils._pytree.tree_flatten(a)
-    lb, sb = torch.utils._pytree.tree_flatten(b)
-    if sa != sb:
+    """Worst max|a - b| / max(1, max|a|) over the tensor leaves of two outputs of one structure (compared by
+    description: a fresh build from the file has its own, equal, namedtuple / dataclass classes)."""
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    if describe(a) != describe(b) or len(la) != len(lb):
         raise AssertionError(f"outputs differ in structure: {describe(a)} vs {describe(b)}")
     worst = 0.0
     for u, v in zip(la, lb):
@@ -130,12 +131,18 @@ def sweep(file: str, name: str, row: dict) -> dict:
     with torch.no_grad():
         row["structure"] = describe(model(x))
     row["params"] = sum(p.numel() for p in model.parameters())
-    worst, exp = 0.0, None
+    worst, exp, same = 0.0, None, True
     for ratio, strategy in CASES:
         row["stage"] = f"expand r={ratio} {strategy}"
         t0 = time.perf_counter()
         exp = None
         exp = gpdc.expand(model, {"input_shape": [2, 3, size, size], "expand": {"ratio": ratio, "strategy": strategy}})
+        with torch.no_grad():
+            want = row["structure"]
+            got = [describe(exp.teacher.eval()(x)), describe(exp.student.eval()(x))]
+        same = same and all(g == want for g in got)
+        if not all(g == want for g in got):
+            row.setdefault("structure_differs", f"{strategy}: teacher {got[0]}, student {got[1]}")
         checks = check_expansion(exp, x)
         worst = max([worst] + [c["error"] / c["bound"] for c in checks.values()])
         row[f"exact_{strategy}"] = all(c["ok"] for c in checks.values())
@@ -143,28 +150,38 @@ def sweep(file: str, name: str, row: dict) -> dict:
         row["groups"] = len(exp.groups)
         row["widened"] = sum(g.ratio > 1 for g in exp.groups)
         row["pinned"] = sum(g.pinned is not None for g in exp.groups)
-    row.update(expand_exact=all(row[f"exact_{s}"] for _, s in CASES), worst_error_over_bound=worst)
+    row.update(expand_exact=all(row[f"exact_{s}"] for _, s in CASES), worst_error_over_bound=worst,
+               same_structure=same)
+    # fold and compile each record their own failure and the sweep goes on
     row["stage"] = "fold"
     t0 = time.perf_counter()
-    fresh = load_model(str(path), name)
-    fresh.load_state_dict(exp.fold_state_dict(), strict=True)
-    with torch.no_grad():
-        fold_err = max_rel_leaf_error(exp.student.eval()(x), fresh.eval()(x))
-    row.update(fold_exact=fold_err <= 1e-5, fold_rel_error=fold_err, seconds_fold=round(time.perf_counter() - t0, 2))
-    del exp, fresh
+    try:
+        fresh = load_model(str(path), name)
+        fresh.load_state_dict(exp.fold_state_dict(), strict=True)
+        with torch.no_grad():
+            fold_err = max_rel_leaf_error(exp.student.eval()(x), fresh.eval()(x))
+        row.update(fold_exact=fold_err <= 1e-5, fold_rel_error=fold_err)
+    except Exception as e:
+        row.update(fold_exact=False, fold_error=f"{type(e).__name__}: {str(e).strip()[:400]}")
+    row["seconds_fold"] = round(time.perf_counter() - t0, 2)
+    del exp
     row["stage"] = "compile"
     t0 = time.perf_counter()
     ratio, strategy = COMPILE_CASE
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path = Path(tmp) / "spec.yaml"
-        spec_path.write_text(yaml.safe_dump({"input_shape": [2, 3, size, size],
-                                             "expand": {"ratio": ratio, "strategy": strategy}}))
-        report, _ = compile_model(str(path), str(spec_path), out=str(Path(tmp) / "out"), entry=name)
-    row.update(compile_ok=bool(report["ok"]), onnx_equal=bool(report["onnx"]["ok"]),
-               onnx_max_abs=report["onnx"].get("max_abs"), seconds_compile=round(time.perf_counter() - t0, 2))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "spec.yaml"
+            spec_path.write_text(yaml.safe_dump({"input_shape": [2, 3, size, size],
+                                                 "expand": {"ratio": ratio, "strategy": strategy}}))
+            report, _ = compile_model(str(path), str(spec_path), out=str(Path(tmp) / "out"), entry=name)
+        row.update(compile_ok=bool(report["ok"]), onnx_equal=bool(report["onnx"]["ok"]),
+                   onnx_max_abs=report["onnx"].get("max_abs"))
+    except Exception as e:
+        row.update(compile_ok=False, compile_error=f"{type(e).__name__}: {str(e).strip()[:400]}")
+    row["seconds_compile"] = round(time.perf_counter() - t0, 2)
     row["stage"] = "done"
     row["seconds"] = round(time.perf_counter() - t_all, 1)
-    row["pass"] = bool(row["expand_exact"] and row["fold_exact"] and row["compile_ok"])
+    row["pass"] = bool(row["expand_exact"] and row["same_structure"] and row["fold_exact"] and row["compile_ok"])
     return row
 
 
@@ -212,41 +229,39 @@ def _yes(v) -> str:
     return "yes" if v else "NO"
 
 
+def _why(error: str) -> str:
+    return "fails: " + error.replace("|", "/").replace("\n", " ")[:110]
+
+
 def _row(label: str, r: dict) -> str:
-    """One table row; a failure is written into the column of the stage it stopped at."""
-    why = ""
-    if "error" in r:
-        why = "fails: " + r["error"].replace("|", "/").replace("\n", " ")[:110]
-    stage = r.get("stage", "")
+    """One table row; a failure is written into the column of the stage that failed."""
     cells = [label, f"`{r['structure']}`" if "structure" in r else "", f"{r['params'] / 1e6:.2f}M" if "params" in r else ""]
     cells.append(f"{r['widened']} / {r['pinned']} (of {r['groups']})" if "groups" in r else "")
-    if "expand_exact" in r:
+    if "expand_exact" not in r:  # stopped before or while expanding
+        cells += [_why(r["error"]) if "error" in r else f"stopped at {r.get('stage')}", "", "", ""]
+    else:
+        cells.append(_yes(r["same_structure"]))
         cells.append(f"{_yes(r['expand_exact'])} ({r['worst_error_over_bound']:.2f})")
-    else:
-        cells.append(why or f"stopped at {stage}")
-        why = ""
-    if "fold_exact" in r:
-        cells.append(_yes(r["fold_exact"]))
-    else:
-        cells.append(why)
-        why = ""
-    if "onnx_equal" in r:
-        cells.append(_yes(r["onnx_equal"]) + ("" if r.get("compile_ok") else " (compile check failed)"))
-    else:
-        cells.append(why)
+        cells.append(_why(r["fold_error"]) if "fold_error" in r else _yes(r.get("fold_exact")))
+        if "compile_error" in r:
+            cells.append(_why(r["compile_error"]))
+        elif "onnx_equal" in r:
+            cells.append(_yes(r["onnx_equal"]) + ("" if r.get("compile_ok") else " (a compile check failed)"))
+        else:
+            cells.append(_why(r["error"]) if "error" in r else "")
     cells.append(f"{r['seconds']:.0f}" if "seconds" in r else "")
     return "| " + " | ".join(cells) + " |"
 
 
 def table(results: dict) -> str:
-    lines = ["| model | output | params | groups widened / pinned | expand exact (err/bound) | fold exact | ONNX equal "
-             "| seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | output | params | groups widened / pinned | same structure | expand exact (err/bound) | fold exact "
+             "| ONNX equal | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     refs = builders()
     for file, name in refs:
         r = results.get(name)
         label = f"{Path(file).stem}:{name}"
         if r is None:
-            lines.append(f"| {label} | | | | not run in the recorded sweep | | | |")
+            lines.append(f"| {label} | | | | | not run in the recorded sweep | | | |")
         else:
             lines.append(_row(label, r))
     passed = sum(bool(results.get(n, {}).get("pass")) for _, n in refs)

@@ -336,8 +336,14 @@ def _print_report(report: dict) -> None:
     outputs = report.get("outputs", {})
     if len(outputs) > 1 or any(v == "widened" for v in outputs.values()):
         out.print("outputs: " + ", ".join(f"{k} {v}" for k, v in outputs.items()), highlight=False)
+    special = report.get("specialised_to_input", [])
+    if special:
+        shown = "; ".join(f"{s['where']} `{s['code']}` -> {s['value']!r}" for s in special[:4])
+        out.print(f"note: the graph is specialised to the spec's input_shape ({len(special)} Python value(s) computed "
+                  f"from the input's shape or forward's default arguments: {shown}"
+                  + (", ..." if len(special) > 4 else "") + ")", highlight=False, markup=False)
     for note in report.get("notes", []):
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {note}", highlight=False, markup=False)
     for k, c in report.get("exactness", report.get("ir", {})).items():
         status = "[green]exact[/]" if c["ok"] else "[red]NOT EXACT[/]"
         out.print(f"{k:15s} max error {c['error']:.2e} (bound {c['bound']:.2e}) {status}")

@@ -51,7 +51,9 @@ class Expansion:
             "strategy": self.plan.strategy,
             "outputs": {str(p): ("widened" if p in self.output_maps else "pinned") for p in self.output_leaves},
             "groups": [g.summary() for g in self.groups],
-            "specialised_to_input": self.original.meta.get("gpdc.specialised", []),  # shape-dependent Python values
+            "specialised_to_input": [  # Python values taken from the example input's shape or forward's defaults
+                s | {"value": s["value"] if isinstance(s["value"], (bool, int, float, str, type(None))) else repr(s["value"])}
+                for s in self.original.meta.get("gpdc.specialised", [])],
             "student_params": sum(p.numel() for p in self.original.parameters()),
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()),
         }

@@ -70,6 +70,13 @@ class GpdcTracer(ConcreteTracer):
         self._owner: list[str] = [""]
         self._failure: tuple[BaseException, str] | None = None
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = True  # buffers are graph values (FrozenBatchNorm2d), not folded constants
+
+    def create_arg(self, a: Any):
+        """Dict subclasses (an OrderedDict output) keep their type; fx would emit a plain dict."""
+        if isinstance(a, dict) and type(a) not in (dict, fx.immutable_collections.immutable_dict):
+            return self.create_node("call_function", type(a), (super().create_arg(dict(a)),), {})
+        return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
