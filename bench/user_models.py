@@ -238,7 +238,7 @@ def _row(label: str, r: dict) -> str:
     cells = [label, f"`{r['structure']}`" if "structure" in r else "", f"{r['params'] / 1e6:.2f}M" if "params" in r else ""]
     cells.append(f"{r['widened']} / {r['pinned']} (of {r['groups']})" if "groups" in r else "")
     if "expand_exact" not in r:  # stopped before or while expanding
-        cells += [_why(r["error"]) if "error" in r else f"stopped at {r.get('stage')}", "", "", ""]
+        cells += ["", _why(r["error"]) if "error" in r else f"stopped at {r.get('stage')}", "", ""]
     else:
         cells.append(_yes(r["same_structure"]))
         cells.append(f"{_yes(r['expand_exact'])} ({r['worst_error_over_bound']:.2f})")

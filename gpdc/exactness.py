@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -113,16 +115,30 @@ def check(candidate, ref, own, x: torch.Tensor, view=None) -> Exactness:
 def check_expansion(exp, x: torch.Tensor) -> dict[str, dict]:
     """Teacher and shared student against the original, BN in eval and train mode; both are left in
     eval mode. Keys like 'teacher/eval', values {error, bound, ok, leaf}; widened output leaves of the
-    teacher are read back to the student's channels first."""
+    teacher are read back to the student's channels first. Their buffers are restored afterwards: a
+    train-mode forward moves BatchNorm running statistics, which fold would otherwise ship."""
     checks = {}
-    for norm_train in (False, True):
-        ref, own = reference(exp.original, x, norm_train)
-        for name, cand, view in (("teacher", exp.teacher, exp.student_view), ("student", exp.student, None)):
-            e = check(set_mode(cand, norm_train), ref, own, x, view)
-            checks[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound, "ok": e.ok,
-                                                                     "leaf": e.leaf}
+    with kept_buffers(exp.teacher), kept_buffers(exp.student):
+        for norm_train in (False, True):
+            ref, own = reference(exp.original, x, norm_train)
+            for name, cand, view in (("teacher", exp.teacher, exp.student_view), ("student", exp.student, None)):
+                e = check(set_mode(cand, norm_train), ref, own, x, view)
+                checks[f"{name}/{'train' if norm_train else 'eval'}"] = {"error": e.error, "bound": e.bound,
+                                                                         "ok": e.ok, "leaf": e.leaf}
     set_mode(exp.teacher, False), set_mode(exp.student, False)
     return checks
+
+
+@contextmanager
+def kept_buffers(module: nn.Module) -> Iterator[None]:
+    """Restore ``module``'s buffers (running statistics, counters) on exit."""
+    saved = [(b, b.detach().clone()) for _, b in module.named_buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 def max_rel_difference(a, b) -> tuple[float, str]:

@@ -88,6 +88,7 @@ def load_model(ref: str, entry: str = "build_model", num_classes: int | None = N
         raise GpdcError(f"model '{ref}' is neither an existing .py file nor 'torchvision:NAME' / 'timm:NAME'.")
     spec = importlib.util.spec_from_file_location(f"gpdc_user_model_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)

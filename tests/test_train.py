@@ -167,14 +167,17 @@ def test_imagefolder_run(tmp_path):
 
 def test_ddp_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # three epochs, not two: after two (cosine over two) the student is at 0.57-0.87 depending on the seed (0.73 at
+    # seed 0), too close to the 0.5 below; after three it is at 0.88-0.93 for seeds 0-4 (measured, 2 ranks)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                         "-m", "gpdc", "train", STUDENT, "--spec", str(ROOT / "examples/digits/gpd.yaml"),
-                        "--epochs", "2", "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
+                        "--epochs", "3", "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # rank 0 writes once per epoch
+    assert len(lines) == 3  # rank 0 writes once per epoch
     m = json.loads(lines[-1])
-    assert 0.5 < m["student_acc"] <= 1.0 and m["teacher_acc"] is not None
+    assert all(math.isfinite(json.loads(line)[k]) for line in lines for k in ("student_loss", "teacher_loss")), lines
+    assert 0.5 < m["student_acc"] <= 1.0 and m["teacher_acc"] is not None, m
     # accuracy is reduced over both ranks' halves of the 360 test images
     assert round(m["student_acc"] * 360) == pytest.approx(m["student_acc"] * 360, abs=1e-6)
     assert (tmp_path / "ddp" / "student.safetensors").exists()
