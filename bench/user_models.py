@@ -21,7 +21,6 @@ Each builder runs in its own process (memory, time limit). Writes bench/results/
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import inspect
 import json
@@ -36,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from gpdc.outputs import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "tests" / "user_models"
@@ -62,25 +63,6 @@ def builders() -> list[tuple[str, str]]:
                     and not inspect.signature(fn).parameters):
                 found.append((file, name))
     return found
-
-
-def describe(out) -> str:
-    """The output structure from its pytree, e.g. ``(Tensor, {feats: [Tensor×4], pooled: Tensor})``."""
-    if isinstance(out, torch.Tensor):
-        return "Tensor"
-    if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return f"{type(out).__name__}(" + ", ".join(f"{k}={describe(getattr(out, k))}" for k in out._fields) + ")"
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return f"{type(out).__name__}(" + ", ".join(
-            f"{f.name}={describe(getattr(out, f.name))}" for f in dataclasses.fields(out)) + ")"
-    if isinstance(out, (tuple, list)):
-        items = [describe(v) for v in out]
-        body = f"{items[0]}×{len(items)}" if len(items) > 1 and len(set(items)) == 1 else ", ".join(items)
-        return f"({body})" if isinstance(out, tuple) else f"[{body}]"
-    if isinstance(out, dict):
-        prefix = "" if type(out) is dict else type(out).__name__
-        return prefix + "{" + ", ".join(f"{k}: {describe(v)}" for k, v in out.items()) + "}"
-    return type(out).__name__
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:

@@ -113,6 +113,25 @@ class OutputMap:
         return t.index_select(self.dim, self.index.to(t.device))
 
 
+def describe(out) -> str:
+    """A readable output structure for tables and messages, e.g. ``(Tensor, {feats: [Tensor×4], pooled: Tensor})``."""
+    if isinstance(out, torch.Tensor):
+        return "Tensor"
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return f"{type(out).__name__}(" + ", ".join(f"{k}={describe(getattr(out, k))}" for k in out._fields) + ")"
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return f"{type(out).__name__}(" + ", ".join(
+            f"{f.name}={describe(getattr(out, f.name))}" for f in dataclasses.fields(out)) + ")"
+    if isinstance(out, (tuple, list)):
+        items = [describe(v) for v in out]
+        body = f"{items[0]}×{len(items)}" if len(items) > 1 and len(set(items)) == 1 else ", ".join(items)
+        return f"({body})" if isinstance(out, tuple) else f"[{body}]"
+    if isinstance(out, dict):
+        prefix = "" if type(out) is dict else type(out).__name__
+        return prefix + "{" + ", ".join(f"{k}: {describe(v)}" for k, v in out.items()) + "}"
+    return type(out).__name__
+
+
 # -- the same walk over a traced graph's output argument -------------------------------------------
 
 def is_structure_node(node: fx.Node) -> bool:

@@ -10,7 +10,6 @@ student's channels equals the student's output. Slow cases (the torchvision dens
 ``grow`` case of the three deepest CIFAR models) are marked ``slow``.
 """
 
-import dataclasses
 import inspect
 import json
 import os
@@ -28,6 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import gpdc
 from gpdc.exactness import check_expansion, randomize
 from gpdc.models import load_model
+from gpdc.outputs import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "user_models"
@@ -101,28 +101,6 @@ def randomized(model):
 
 def spec(size, strategy="replicate", batch=2, **expand):
     return {"input_shape": [batch, 3, size, size], "expand": {"ratio": 1.5, "strategy": strategy, **expand}}
-
-
-def describe(out) -> str:
-    """The output structure, e.g. ``(Tensor, {feats: [Tensor×4], pooled: Tensor})``."""
-    if isinstance(out, torch.Tensor):
-        return "Tensor"
-    if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return f"{type(out).__name__}(" + ", ".join(f"{k}={describe(getattr(out, k))}" for k in out._fields) + ")"
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return f"{type(out).__name__}(" + ", ".join(
-            f"{f.name}={describe(getattr(out, f.name))}" for f in dataclasses.fields(out)) + ")"
-    if isinstance(out, (tuple, list)):
-        items = [describe(v) for v in out]
-        if len(items) > 1 and len(set(items)) == 1:
-            body = f"{items[0]}×{len(items)}"
-        else:
-            body = ", ".join(items)
-        return f"({body})" if isinstance(out, tuple) else f"[{body}]"
-    if isinstance(out, dict):
-        prefix = "" if type(out) is dict else type(out).__name__
-        return prefix + "{" + ", ".join(f"{k}: {describe(v)}" for k, v in out.items()) + "}"
-    return type(out).__name__
 
 
 def flat(out):
