@@ -241,3 +241,8 @@ def test_logits_leaf_default_and_key(out, key, want):
 def test_ambiguous_logits_is_an_error():
     with pytest.raises(gpdc.GpdcError, match="train.logits"):
         logits_path({"out": torch.zeros(1), "logits": torch.zeros(1)}, None)
+
+
+def test_a_teacher_that_cannot_fit_in_memory_is_refused_with_the_estimate():
+    with pytest.raises(gpdc.SpecError, match=r"would not fit in memory.*GiB"):
+        gpdc.expand(Net("tensor"), {"input_shape": [2, 3, 16, 16], "expand": {"ratio": 1e6}})
