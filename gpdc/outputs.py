@@ -1,8 +1,8 @@
 """Model outputs of any structure: a tensor, or any nesting of tuple, list, dict, OrderedDict, namedtuple
 and dataclass, with non-tensor leaves passed through.
 
-A leaf is named by its *path*, written as Python would index it from the output (``[1]['feats'][0]``,
-``['aux']``, ``.logits``; ``""`` for a plain tensor output), and by a dotted *key* (``1.feats.0``, ``aux``,
+A leaf is named by its ``LeafPath``, shown as Python would index it (``out[1]['feats'][0]``, ``out['aux']``,
+``out.logits``; ``out`` for a plain tensor output), and by a dotted *key* (``1.feats.0``, ``aux``,
 ``logits``) that spec globs (``expand.free_outputs``) and ONNX output names use. The same walk serves
 runtime values (the checks compare every tensor leaf) and traced graphs (the analysis pins or frees each
 leaf node), so both sides agree on the names.

@@ -124,7 +124,7 @@ class BinaryRule(Rule):
         for a in node.args:
             na = ex.arg(a)
             T = ex.tl.get(a) if isinstance(a, fx.Node) else None
-            if a in gathers:
+            if isinstance(a, fx.Node) and a in gathers:
                 Lc = gathers[a]
                 na = ex.index_select(node, na, Lc.dim, ex.student_pos(Lc, TO))
                 ex.log(node, f"input-independent '{a.name}' gathered to the teacher's {TO.width} channels")
