@@ -65,24 +65,6 @@ def builders() -> list[tuple[str, str]]:
     return found
 
 
-def randomized(model: torch.nn.Module) -> torch.nn.Module:
-    """``gpdc.exactness.randomize`` plus random FrozenBatchNorm2d buffers (ones/zeros at init)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    from gpdc.exactness import randomize
-
-    randomize(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
 def max_rel_leaf_error(a, b) -> float:
     """Worst max|a - b| / max(1, max|a|) over the tensor leaves of two outputs of one structure (compared by
     description: a fresh build from the file has its own, equal, namedtuple / dataclass classes)."""
@@ -101,14 +83,14 @@ def sweep(file: str, name: str, row: dict) -> dict:
 
     import gpdc
     from gpdc.compile import compile_model
-    from gpdc.exactness import check_expansion
+    from gpdc.exactness import check_expansion, randomize
     from gpdc.models import load_model
 
     path, size = MODELS / file, FILES[file]
     row.update(model=name, file=f"tests/user_models/{file}", input=size, stage="build")
     t_all = time.perf_counter()
     torch.manual_seed(0)
-    model = randomized(load_model(str(path), name))
+    model = randomize(load_model(str(path), name)).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         row["structure"] = describe(model(x))

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import GpdcError, InternalError
 from .outputs import tensor_leaves
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -32,14 +33,15 @@ def set_mode(model: nn.Module, norm_train: bool) -> nn.Module:
 
 
 def randomize(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Random BatchNorm affine parameters and running statistics, and random values for every
-    parameter that is constant at init (zero-initialised heads and biases, LayerNorm weights,
-    1e-6 layer scales, zero class tokens), in place: an exactness test on a model whose
-    residual branches are scaled to ~0 or whose head outputs zeros could not fail."""
+    """Random BatchNorm affine parameters and running statistics (buffer-only norms such as
+    FrozenBatchNorm2d included), and random values for every parameter that is constant at init
+    (zero-initialised heads and biases, LayerNorm weights, 1e-6 layer scales, zero class tokens), in
+    place: an exactness test on a model whose residual branches are scaled to ~0, whose norms are
+    identities or whose head outputs zeros could not fail."""
     g = generator or torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(getattr(m, "running_var", None), torch.Tensor):
                 if m.weight is not None:
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
@@ -85,8 +87,9 @@ def compare(out, ref, own) -> Exactness:
     """The DESIGN.md §4 criterion for every tensor leaf of ``out`` against ``ref``; the worst leaf."""
     got, want, mine = tensor_leaves(out), tensor_leaves(ref), tensor_leaves(own)
     if [p for p, _ in got] != [p for p, _ in want] or any(a.shape != b.shape for (_, a), (_, b) in zip(got, want)):
-        raise AssertionError(f"internal error: the rewritten model's outputs {_describe(got)} differ in structure "
-                             f"from the original's {_describe(want)}")
+        raise InternalError(f"internal error: the rewritten model's outputs {_describe(got)} differ in structure "
+                            f"from the original's {_describe(want)}. This is a gpdc bug; please report it with the "
+                            "model and spec.")
     worst = None
     for (path, o), (_, r), (_, f) in zip(got, want, mine):
         r = r.double()
@@ -97,7 +100,8 @@ def compare(out, ref, own) -> Exactness:
         if worst is None or e.ratio > worst.ratio:
             worst = e
     if worst is None:
-        raise AssertionError("internal error: the model returns no tensor to compare")
+        raise GpdcError("the model returns no tensor, so there is nothing to widen or check; gpdc needs a model whose "
+                        "output (or one of its leaves) is a tensor.")
     return worst
 
 
@@ -145,7 +149,8 @@ def max_rel_difference(a, b) -> tuple[float, str]:
     """(worst max|a - b| / max(1, max|a|) over the tensor leaves of two outputs of one structure, its leaf)."""
     pairs = list(zip(tensor_leaves(a), tensor_leaves(b)))
     if not pairs or any(pa != pb or va.shape != vb.shape for (pa, va), (pb, vb) in pairs):
-        raise AssertionError("internal error: two outputs to compare differ in structure")
+        raise InternalError("internal error: two outputs to compare differ in structure. This is a gpdc bug; please "
+                            "report it with the model and spec.")
     errs = [(float((va - vb).detach().abs().max()) / max(1.0, float(va.detach().abs().max())) if va.numel() else 0.0,
              str(p)) for (p, va), (_, vb) in pairs]
     return max(errs, key=lambda e: e[0])

@@ -22,7 +22,6 @@ import torch
 import torch.utils._pytree as pytree
 import yaml
 from safetensors.torch import load_file
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 import gpdc
 from gpdc.exactness import check_expansion, randomize
@@ -82,21 +81,6 @@ def _marks(name, strategy=None):
 def build(name):
     """A fresh model as ``gpdc compile FILE --entry NAME`` loads it."""
     return load_model(str(MODELS / CORPUS[name][0]), name)
-
-
-def randomized(model):
-    """Random BatchNorm statistics (``gpdc.exactness.randomize``) and random FrozenBatchNorm2d buffers (all
-    ones/zeros at init: a widened FrozenBN that ignored them would still pass)."""
-    randomize(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
 
 
 def spec(size, strategy="replicate", batch=2, **expand):
@@ -214,7 +198,7 @@ class Case:
         self.name, self.strategy = name, strategy
         self.size = CORPUS[name][1]
         torch.manual_seed(0)
-        self.model = randomized(build(name))
+        self.model = randomize(build(name)).eval()
         self.x = torch.randn(2, 3, self.size, self.size)
         self._exp, self._error = None, None
         try:
@@ -285,7 +269,7 @@ FREE = [  # (builder, free_outputs, strategy): one per output structure kind
 def test_free_outputs_widen_features(name, free, strategy):
     size = CORPUS[name][1]
     torch.manual_seed(0)
-    model = randomized(build(name))
+    model = randomize(build(name)).eval()
     x = torch.randn(2, 3, size, size)
     pinned = gpdc.expand(model, spec(size, strategy))
     freed = gpdc.expand(model, spec(size, strategy, free_outputs=free))
@@ -316,7 +300,7 @@ def test_checks_leave_the_expansion_unchanged():
     """check_expansion runs BatchNorm in train mode; it must not move the running statistics (gpdc compile
     folds right after its checks: the shipped student must be the user's model, not one momentum step off)."""
     torch.manual_seed(0)
-    model = randomized(build("resnet8x4_feats"))
+    model = randomize(build("resnet8x4_feats")).eval()
     x = torch.randn(2, 3, 32, 32)
     exp = gpdc.expand(model, spec(32))
     before = {k: v.clone() for k, v in exp.teacher.state_dict().items()}
@@ -333,7 +317,7 @@ def test_checks_leave_the_expansion_unchanged():
 
 def test_static_size_branch_follows_input_shape():
     """vgg8's ``if h == 64`` is decided by the spec's input size: the extra pool is traced at 64, not at 32."""
-    model = randomized(build("vgg8"))
+    model = randomize(build("vgg8")).eval()
     at32 = gpdc.expand(model, spec(32))
     at64 = gpdc.expand(model, spec(64))
     pools = lambda exp: {n.target for n in exp.original.graph.nodes if n.op == "call_module"} & {"pool3"}  # noqa: E731
@@ -346,7 +330,7 @@ def test_static_size_branch_follows_input_shape():
 def test_batch1_input_shape_with_bn_after_global_pooling():
     """DeepLabV3's ASPP pooling branch has BatchNorm on a 1×1 map: at batch 1 train-mode BN cannot run."""
     torch.manual_seed(0)
-    model = randomized(build("deeplabv3_mobilenet_v3_large"))
+    model = randomize(build("deeplabv3_mobilenet_v3_large")).eval()
     exp = gpdc.expand(model, spec(64, batch=1))
     x1 = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
