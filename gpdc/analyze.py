@@ -9,7 +9,6 @@ model output (the logits) or that meet an unwidened tensor channel-for-channel a
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -19,17 +18,10 @@ import numpy as np
 import torch.fx as fx
 
 from .errors import CouplingError, GpdcError, InternalError, RuleError
+from .coupling import Coupling
 from .layout import Layout, SplitLayout
 from .outputs import LeafPath, graph_leaves, is_structure_node
 from .rules.registry import find_rule
-
-
-@dataclass
-class Space:
-    width: int
-    origin: str  # node that opened it
-    pinned: str | None = None  # why it never widens
-    quantum: int = 1  # grouped convs replicate whole groups of this many channels
 
 
 @dataclass
@@ -41,8 +33,11 @@ class Group:
     width: int
     layers: list[str]  # modules whose output channels are exactly this group's
     pinned: str | None
-    quantum: int
+    quantum: int  # channels per block that widens as a whole (1, or mixed blocks: 0)
     couplings: list[str] = field(default_factory=list)  # node names that coupled its spaces
+    space_widths: list[int] = field(default_factory=list)  # widths of its spaces (equal unless coupled per channel)
+    units: list = field(default_factory=list, repr=False)  # global channel ids of each block that widens whole
+    unit_sizes: list[int] = field(default_factory=list, repr=False)  # distinct channels per block
     # filled by the plan:
     teacher_width: int | None = None
     ratio: float | None = None
@@ -59,6 +54,7 @@ class Group:
             "pinned": self.pinned,
             "quantum": self.quantum,
             "coupled_by": self.couplings,
+            "per_channel": len(set(self.space_widths)) > 1,
         }
 
 
@@ -76,27 +72,27 @@ class ChannelAnalysis:
         self.free_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that widen (expand.free_outputs)
         self.pinned_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that carry channels and stay put
         self.modules = dict(gm.named_modules())
-        self.spaces: list[Space] = []
-        self.parent: list[int] = []
-        self.coupling = nx.Graph()
+        self.coupling = Coupling()
         self.layouts: dict[fx.Node, object] = {}
         self.info: dict[fx.Node, object] = {}  # rule-specific facts the expand pass reuses
         self.rules: dict[fx.Node, object] = {}
         self._input_dependent: dict[fx.Node, bool] = {}
         self._run()
 
-    # -- spaces -----------------------------------------------------------------------------
+    # -- spaces and coupling (gpdc.coupling) -------------------------------------------------
+    @property
+    def spaces(self):
+        return self.coupling.spaces
+
     def new_space(self, width: int, origin: fx.Node, pinned: str | None = None) -> int:
-        self.spaces.append(Space(width, origin.name, pinned))
-        self.parent.append(len(self.parent))
-        self.coupling.add_node(len(self.spaces) - 1)
-        return len(self.spaces) - 1
+        return self.coupling.new_space(width, origin.name, pinned)
 
     def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
+        """The representative space of the group of space ``s``."""
+        return self.coupling.space_sets.find(s)
+
+    def channel_keys(self, L: Layout) -> np.ndarray:
+        return self.coupling.keys(L)
 
     def pinned_layout(self, node: fx.Node, dim: int, width: int, reason: str) -> Layout:
         return Layout.of_space(dim, self.new_space(width, node, reason), width)
@@ -106,32 +102,29 @@ class ChannelAnalysis:
             sp = self.spaces[s]
             sp.pinned = sp.pinned or reason
 
-    def set_quantum(self, layout: Layout, q: int) -> None:
-        for s in layout.spaces():
-            self.spaces[s].quantum = math.lcm(self.spaces[s].quantum, q)
+    def set_quantum(self, layout: Layout, q: int, node: fx.Node) -> None:
+        """Runs of ``q`` consecutive channels of ``layout`` widen as whole blocks (grouped convs, heads)."""
+        if q > 1:
+            self.coupling.same_multiplicity(layout, q, node.name)
+
+    def aligned_space(self, L: Layout, node: fx.Node) -> Layout:
+        """A new space of ``L.width`` channels, one per position of ``L``, that widens like them: how a
+        concat tells apart two tensors holding the same channels."""
+        fresh = Layout.of_space(L.dim, self.new_space(L.width, node), L.width)
+        self.coupling.align(L, fresh, node.name)
+        return fresh
 
     def couple(self, a: Layout, b: Layout, node: fx.Node) -> None:
-        """Channels at equal positions of ``a`` and ``b`` must be the same channel."""
-        if a.width != b.width or not np.array_equal(a.index, b.index) or not np.array_equal(a.sub, b.sub):
+        """Channels at equal positions of ``a`` and ``b`` must be the same channel (one per position, so
+        residual adds onto slices, concats and shuffles couple exactly the channels they meet)."""
+        if a.width != b.width or not np.array_equal(a.sub, b.sub):
             raise CouplingError(
-                f"node {node_label(node)} combines two tensors channel by channel whose channels are "
-                f"arranged differently ({a.width} vs {b.width} channels, or a permuted/concatenated order), "
-                "so no single channel map can widen both. Register a channel rule for this op "
-                "(gpdc.register_function_rule) or keep these layers at ratio 1."
+                f"node {node_label(node)} combines two tensors channel by channel whose channel dims do not line "
+                f"up ({a.width} vs {b.width} channels, or flattened spatial positions in a different order), so no "
+                "channel map can widen both. Register a channel rule for this op (gpdc.register_function_rule) or "
+                "keep these layers at ratio 1."
             )
-        for sa, sb in set(zip(a.space.tolist(), b.space.tolist())):
-            if sa != sb and self.spaces[sa].width != self.spaces[sb].width:
-                raise CouplingError(
-                    f"node {node_label(node)} ties part of a {self.spaces[sa].width}-channel space (from "
-                    f"'{self.spaces[sa].origin}') to a {self.spaces[sb].width}-channel space (from "
-                    f"'{self.spaces[sb].origin}'), e.g. a residual add on a channel slice; gpdc couples whole "
-                    "channel spaces only. Insert a 1x1 conv before the add, or keep these layers at ratio 1."
-                )
-            if sa != sb:
-                self.coupling.add_edge(sa, sb, node=node.name)
-                ra, rb = self.find(sa), self.find(sb)
-                if ra != rb:
-                    self.parent[rb] = ra
+        self.coupling.tie(a, b, node.name)
 
     # -- walk -------------------------------------------------------------------------------
     def layout_of(self, arg):
@@ -211,16 +204,15 @@ class ChannelAnalysis:
         apart when it sees them; spaces coupled only *after* the concat would collide here."""
         for node, lay in self.layouts.items():
             if isinstance(lay, Layout) and lay.width > 1:
-                roots = np.array([self.find(int(s)) for s in lay.space.tolist()])
-                keys = set(zip(roots.tolist(), lay.index.tolist(), lay.sub.tolist()))
-                if len(keys) < lay.width:
+                if len(np.unique(self.channel_keys(lay))) < lay.width:
                     raise CouplingError(
-                        f"node {node_label(node)} holds channels that a later residual add or gate ties together "
-                        "(e.g. a concat of two branches whose outputs are added further on); gpdc cannot tell "
-                        "their copies apart. Keep these layers at ratio 1 or register a rule for the block.")
+                        f"node {node_label(node)} holds channels that residual adds or gates tie to each other (e.g. "
+                        "`x + x.flip(1)`, or a concat of two branches whose outputs are added further on); gpdc "
+                        "cannot tell their copies apart. Keep these layers at ratio 1 or register a rule for the block.")
 
     # -- groups -----------------------------------------------------------------------------
     def groups(self) -> list[Group]:
+        """One group per set of spaces connected by couplings; its width counts distinct channels."""
         by_root: dict[int, list[int]] = {}
         for s in range(len(self.spaces)):
             by_root.setdefault(self.find(s), []).append(s)
@@ -233,29 +225,32 @@ class ChannelAnalysis:
         groups = []
         for root, members in sorted(by_root.items()):
             sp = [self.spaces[s] for s in members]
-            pinned = next((s.pinned for s in sp if s.pinned), None)
-            quantum = math.lcm(*(s.quantum for s in sp))
-            width = sp[0].width
-            if width % quantum:
-                quantum = 1
-            edges = self.coupling.subgraph(members).edges(data="node")
-            groups.append(
-                Group(
-                    id=len(groups),
-                    spaces=members,
-                    width=width,
-                    layers=layer_of.get(root, []),
-                    pinned=pinned,
-                    quantum=quantum,
-                    couplings=sorted({n for _, _, n in edges}),
-                )
-            )
+            units, sizes = self._units(members)
+            edges = self.coupling.graph.subgraph(members).edges(data="node")
+            groups.append(Group(
+                id=len(groups), spaces=members, width=sum(sizes), layers=layer_of.get(root, []),
+                pinned=next((s.pinned for s in sp if s.pinned), None),
+                quantum=sizes[0] if len(set(sizes)) == 1 else 0, couplings=sorted({n for _, _, n in edges}),
+                space_widths=[s.width for s in sp], units=units, unit_sizes=sizes))
         return groups
+
+    def _units(self, spaces: list[int]) -> tuple[list[np.ndarray], list[int]]:
+        """The blocks of channels that widen as a whole, in order of their first channel: their global
+        channel ids and how many distinct (coupled) channels each holds."""
+        c = self.coupling
+        ids = np.concatenate([c.space_ids(s) for s in spaces])
+        block, chan = c.blocks.roots(ids), c.channels.roots(ids)
+        order = np.argsort(block, kind="stable")
+        cuts = np.flatnonzero(np.diff(block[order])) + 1
+        units = np.split(ids[order], cuts)
+        sizes = [len(np.unique(part)) for part in np.split(chan[order], cuts)]
+        return units, sizes
 
     def coupling_path(self, a: int, b: int) -> list[str]:
         """Names of the nodes that couple spaces ``a`` and ``b``."""
-        path = nx.shortest_path(self.coupling, a, b)
-        return [self.coupling.edges[u, v]["node"] for u, v in zip(path, path[1:])]
+        g = self.coupling.graph
+        path = nx.shortest_path(g, a, b)
+        return [g.edges[u, v]["node"] for u, v in zip(path, path[1:])]
 
 
 @contextmanager

@@ -1,13 +1,14 @@
-"""The expansion plan: each coupled group's teacher width and channel map.
+"""The expansion plan: how many copies each student channel has in the teacher.
 
-Widths round as ``C' = q * round_half_up(C/q * r)``, where q is the group's quantum (1, or the
-channels per group of the grouped convs that read or write it, so grouped convs keep whole
-groups). A ratio close to 1 on a tiny group may round to C' = C (no widening).
+Each coupled group (gpdc.coupling) is a list of blocks: runs of channels that widen as a whole (one
+channel, or the channels per group of a grouped conv, or a head). The group's ratio adds whole extra
+copies of its blocks, cycling over them in order, so multiplicities differ by at most one (METHOD.md
+§2); with blocks of one size q the width rounds as ``C' = q * round_half_up(C/q * r)``. A ratio close
+to 1 on a tiny group may round to C' = C (no widening). Coupled channels are one channel here, so a
+channel tied to several producers has one multiplicity everywhere.
 
-The channel map: teacher channel j copies student channel ``src[j]``; the first C teacher
-channels are the student's own, in order, and the extra channels (whole quantum blocks) cycle
-over the student's channels, so multiplicities differ by at most one block (METHOD.md §2).
-``copy[j]`` is 0 for the first copy, 1 for the second, ...
+In the teacher, a space's first C channels are the student's own, in order, followed by the second
+copies (in channel order), the third copies, ...; ``ChannelMap`` is that map for one run of channels.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ def teacher_width(width: int, ratio: float, quantum: int) -> int:
 @dataclass
 class ExpansionPlan:
     groups: list[Group]
-    maps: dict[int, ChannelMap]  # group id -> channel map
-    group_of_root: dict[int, int]  # union-find root space -> group id
+    multiplicity: np.ndarray  # copies of each student channel (global channel id, gpdc.coupling) in the teacher
     strategy: str
 
 
@@ -72,10 +72,7 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
                 f"expand.layers: the pattern '{key}' matches no layer of the model. Layer names are module "
                 f"paths such as {', '.join(repr(n) for n in (close or all_layers[:3]))}; check the spelling or use a glob like 'layer4.*'."
             )
-    group_of_root = {}
     for g in groups:
-        for s in g.spaces:
-            group_of_root[an.find(s)] = g.id
         matched = [(name, match_layer(name, rules)) for name in g.layers]
         matched = [(name, m) for name, m in matched if m is not None]
         if g.pinned:
@@ -85,7 +82,7 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
                     f"expand.layers: '{exact[0][0]}' cannot widen: its output channels {g.pinned}. "
                     "Remove this key (the logits and the data input keep their width)."
                 )
-            g.ratio, g.rule, g.teacher_width = 1.0, f"pinned: {g.pinned}", g.width
+            g.ratio, g.rule = 1.0, f"pinned: {g.pinned}"
         elif matched:
             level = "exact" if any(m[0] == "exact" for _, m in matched) else "glob"
             top = [(n, m) for n, m in matched if m[0] == level]
@@ -102,13 +99,33 @@ def plan_expansion(an: ChannelAnalysis, spec: Spec) -> ExpansionPlan:
             g.rule = f"{level} '{top[0][1][1]}'"
         else:
             g.ratio, g.rule = spec.expand.ratio, "default expand.ratio"
-        if g.teacher_width is None:
-            g.teacher_width = teacher_width(g.width, g.ratio, g.quantum)
     if all(g.pinned for g in groups):
         raise RuleError(_nothing_widens(an))
+    multiplicity = np.ones(an.coupling.num_channels, np.int64)
+    for g in groups:
+        extra = extra_copies(g.unit_sizes, g.ratio)
+        for ids, e in zip(g.units, extra):
+            multiplicity[ids] += e
+        g.teacher_width = g.width + int(np.dot(g.unit_sizes, extra))
     _check_memory(an, groups)
-    maps = {g.id: ChannelMap.build(g.width, g.teacher_width, g.quantum) for g in groups}
-    return ExpansionPlan(groups, maps, group_of_root, spec.expand.strategy)
+    return ExpansionPlan(groups, multiplicity, spec.expand.strategy)
+
+
+def extra_copies(sizes: list[int], ratio: float) -> np.ndarray:
+    """Extra copies per block (blocks in order) so the group's width grows by ``ratio``: one more copy for
+    each block in turn, cycling, as ``ChannelMap.build`` does. Blocks of one size keep whole blocks
+    (``teacher_width``); blocks of mixed sizes take copies while they fit the rounded target."""
+    n, extra = len(sizes), np.zeros(len(sizes), np.int64)
+    if len(set(sizes)) == 1:
+        added = teacher_width(n * sizes[0], ratio, sizes[0]) // sizes[0] - n
+        return extra + added // n + (np.arange(n) < added % n)
+    budget = max(0, math.floor(sum(sizes) * ratio + 0.5) - sum(sizes))
+    while budget >= min(sizes):
+        for i, size in enumerate(sizes):
+            if size <= budget:
+                extra[i] += 1
+                budget -= size
+    return extra
 
 
 def _check_memory(an: ChannelAnalysis, groups: list[Group]) -> None:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from gpdc.analyze import ChannelAnalysis, rule_errors
-from gpdc.layout import SUB_BITS, Layout, TeacherLayout
+from gpdc.layout import Layout, TeacherLayout
 from gpdc.outputs import OutputMap
 from gpdc.param_map import ParamMap
 from gpdc.pass_manager import Pass, PassResult
@@ -117,19 +117,28 @@ class _Expander:
         return fx.node.map_arg(a, self.arg_lookup)
 
     def keys(self, L) -> np.ndarray:
-        roots = np.array([self.an.find(int(s)) for s in L.space.tolist()], dtype=np.int64) if len(L.space) else L.space
-        return (roots << 40) | (L.index << SUB_BITS) | L.sub
+        return self.an.channel_keys(L)
 
     def rekey(self, T: TeacherLayout) -> TeacherLayout:
         return TeacherLayout(T.dim, T.space, T.index, T.sub, T.copy, self.keys(T))
 
     def canonical(self, L: Layout) -> TeacherLayout:
-        """Teacher layout of a space a producer emits (or of an unwidened input): per its channel map."""
+        """Teacher layout of a space a producer emits (or of an unwidened input): the student's channels,
+        then their second copies, third copies, ... (plan.multiplicity), each in channel order."""
         space = int(L.space[0])
-        cmap = self.plan.maps[self.plan.group_of_root[self.an.find(space)]]
-        T = TeacherLayout(L.dim, np.full(cmap.width, space, np.int64), cmap.src.copy(),
-                          np.zeros(cmap.width, np.int64), cmap.copy.copy(), np.zeros(0, np.int64))
+        mult = self.plan.multiplicity[self.an.coupling.space_ids(space)]
+        src = np.concatenate([np.flatnonzero(mult > k) for k in range(int(mult.max(initial=1)))])
+        copy = np.concatenate([np.full(int((mult > k).sum()), k) for k in range(int(mult.max(initial=1)))])
+        T = TeacherLayout(L.dim, np.full(len(src), space, np.int64), src.astype(np.int64),
+                          np.zeros(len(src), np.int64), copy.astype(np.int64), np.zeros(0, np.int64))
         return self.rekey(T)
+
+    def aligned_teacher(self, L: Layout, T: TeacherLayout, fresh: Layout) -> TeacherLayout:
+        """The teacher tensor ``T`` (student layout ``L``) read as the aligned space ``fresh``
+        (``ChannelAnalysis.aligned_space``): position j holds fresh channel ``student_pos[j]``, same copy."""
+        pos = self.student_pos(L, T)
+        return self.rekey(TeacherLayout(T.dim, fresh.space[pos], fresh.index[pos], fresh.sub[pos], T.copy,
+                                        np.zeros(0, np.int64)))
 
     def tin(self, arg, L: Layout) -> TeacherLayout:
         T = self.tl.get(arg) if isinstance(arg, fx.Node) else None

@@ -64,16 +64,8 @@ FLAG_MODELS = {"resnet32x4": 4, "resnet56": 4, "resnet20_4stage": 5, "wrn_16_2":
 SLOW_GROW = {"resnet56", "wrn_40_2", "shufflenetv2"}
 
 
-# a residual add onto a concatenated layout ([grouped conv, pooled shortcut] + conv): coupling is per channel
-# space today; per-channel coupling (issue 11) lifts it, and then these xfails turn into failures to remove
-KNOWN_FAILURES = {"shufflenetv1": "residual add on a concatenated layout needs per-channel coupling (issue 11)"}
-
-
 def _marks(name, strategy=None):
-    marks = (slow,) if CORPUS[name][2] or (strategy == "grow" and name in SLOW_GROW) else ()
-    if name in KNOWN_FAILURES:
-        marks += (pytest.mark.xfail(raises=gpdc.CouplingError, strict=True, reason=KNOWN_FAILURES[name]),)
-    return marks
+    return (slow,) if CORPUS[name][2] or (strategy == "grow" and name in SLOW_GROW) else ()
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -110,7 +110,7 @@ class AttentionRule(Rule):
             raise RuleError(f"attention {node_label(node)} expects its widened channels in the last dim.")
         self.check(node, an)
         d = self.head_dim(m)
-        an.set_quantum(L, d)
+        an.set_quantum(L, d, node)
         cout = self.out_features(m)
         out = Layout.of_space(nd - 1, an.new_space(cout, node), cout)
         an.info[node] = {"in": L, "out": out}

@@ -24,7 +24,8 @@ import torchvision
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
-from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
+from .heads import expand_split_heads, split_factors, split_heads
+from .registry import Rule, find_rule, register_function_rule, register_method_rule, register_module_rule
 from .shapes import is_reshape, patch_shape
 
 
@@ -69,7 +70,8 @@ class MoveRule(Rule):
             return None
         lays, kinds = [], []
         for t in parts:
-            dec = decode_tags(t, stride, source.width)
+            same_rank = t.dim() == len(src.meta["gpdc.shape"]) and source_node is src
+            dec = decode_tags(t, stride, source.width, default_dim=L.dim if same_rank else None)
             if dec is None:
                 lays.append(SplitLayout(source_node, source, stride, t))
                 kinds.append("split")
@@ -87,6 +89,10 @@ class MoveRule(Rule):
             new_sub = source.sub[pos] * stride + sub if sub is not None else source.sub[pos]
             lays.append(source.take(pos, dim=d, sub=new_sub))
             kinds.append(self._classify(source_node is src, source, pos, sub))
+        if "split" in kinds and source_node is src and is_reshape(node):
+            factors = split_factors(node, L)
+            if factors and not _merged_back(node, parts[0], stride, source.width, an):
+                return split_heads(node, L, factors, an)
         if "split" in kinds:
             if len(parts) > 1:
                 raise RuleError(f"node '{node.name}' splits the channel dim over several dims and several outputs.")
@@ -126,7 +132,9 @@ class MoveRule(Rule):
     def expand(self, node: fx.Node, ex) -> None:
         info = ex.an.info[node]
         kind = info["kind"]
-        if kind == "item":
+        if kind == "heads":
+            expand_split_heads(node, ex)
+        elif kind == "item":
             ex.emit_copy(node, ex.tl[node.args[0]][node.args[1]])
         elif kind == "value":
             ex.emit_copy(node, None)
@@ -152,7 +160,7 @@ class MoveRule(Rule):
             outs = [ex.rekey(o) for o in outs]
             if node.op == "call_module":
                 ex.modules[node.target] = ex.clone(ex.an.module(node))
-            args = patch_shape(node, outs[0], ex) if is_reshape(node) else None
+            args = patch_shape(node, outs[0], ex) if is_reshape(node) else _whole_channel_slice(node, ex)
             ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.an.layouts[node], tuple) else outs[0], args=args)
         else:
             source = info["source"]
@@ -176,6 +184,48 @@ class MoveRule(Rule):
                 ex.log(node, f"channel rearrangement as index_select of {len(idxs[0])} channels from '{source.name}'")
 
 
+def _merged_back(node: fx.Node, tags: torch.Tensor, stride: int, width: int, an) -> bool:
+    """Whether every use of ``node`` (a channel dim split across dims, as ``tags``) only moves dims until
+    the channels are one dim again (a channel shuffle), so nothing computes on the split tensor."""
+    for user in node.users:
+        if not isinstance(find_rule(user, an), MoveRule):
+            return False
+        out = _call(user, _value(user.args, node, tags), _value(user.kwargs, node, tags), an)
+        if isinstance(out, (list, tuple)):
+            items = [(u, out[u.args[1]]) for u in user.users if u.target is operator.getitem]
+            if len(items) < len(user.users):
+                return False
+        else:
+            items = [(user, out)]
+        for n, t in items:
+            if not isinstance(t, torch.Tensor):
+                return False
+            if decode_tags(t, stride, width) is None and not _merged_back(n, t, stride, width, an):
+                return False
+    return True
+
+
+def _whole_channel_slice(node: fx.Node, ex):
+    """``x[..., :C, ...]`` that keeps every channel: the teacher's args slice the channel dim whole
+    (its literal bound is the student's width); None for other ops."""
+    if node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return None
+    x, index = node.args
+    items = list(index) if isinstance(index, tuple) else [index]
+    nd, dim = len(x.meta["gpdc.shape"]), ex.an.layouts[x].dim
+    used = sum(it is not None and it is not Ellipsis for it in items)
+    d = 0
+    for i, it in enumerate(items):
+        if it is Ellipsis:
+            d += nd - used
+        elif it is not None:
+            if d == dim:  # a slice or an index list that keeps every channel in order
+                items[i] = slice(None)
+                return ex.arg((x, tuple(items) if isinstance(index, tuple) else items[0]))
+            d += 1
+    return None
+
+
 def _tiled(pos: np.ndarray, lead: np.ndarray, width: int) -> bool:
     """Whole blocks of all ``width`` channels in order, each block from one spatial neighbour."""
     if width == 0 or len(pos) % width:
@@ -194,9 +244,6 @@ def lay_stride(ex, node):
     return int(np.prod(shape[L.dim + 1 :], dtype=np.int64)) if L.dim + 1 < len(shape) else 1
 
 
-PART_SHIFT = 20  # a concat of two tensors of the same channels tells them apart by sub-position bits
-
-
 class CatRule(Rule):
     def analyze(self, node: fx.Node, an):
         tensors = node.args[0]
@@ -210,14 +257,13 @@ class CatRule(Rule):
         if dim == cdim:
             parts = [L if L is not None else an.pinned_layout(node, dim, t.meta["gpdc.shape"][dim], "concatenated unwidened tensor")
                      for L, t in zip(lays, tensors)]
-            offsets, seen = [], set()
-            for k, P in enumerate(parts):  # the same channels twice (two tensors of one coupled space)?
-                keys = set(zip((an.find(int(x)) for x in P.space), P.index.tolist(), P.sub.tolist()))
-                offsets.append(k << PART_SHIFT if keys & seen else 0)
+            fresh, seen = [], set()
+            for P in parts:  # the same channels twice (e.g. a conv's output and its depthwise cheap op)?
+                keys = set(an.channel_keys(P).tolist())
+                fresh.append(an.aligned_space(P, node) if keys & seen else None)
                 seen |= keys
-            parts = [P.take(np.arange(P.width), sub=P.sub + o) if o else P for P, o in zip(parts, offsets)]
-            an.info[node] = {"kind": "channels", "parts": parts, "offsets": offsets}
-            return cat_layouts(parts, dim)
+            an.info[node] = {"kind": "channels", "parts": parts, "fresh": fresh}
+            return cat_layouts([F or P for P, F in zip(parts, fresh)], dim)
         first, partner = None, next(t for L, t in zip(lays, tensors) if L is not None)
         for L, t in zip(lays, tensors):
             if L is None:
@@ -235,7 +281,7 @@ class CatRule(Rule):
         tensors = node.args[0]
         if info["kind"] == "channels":
             TIs = [ex.tin(t, L) for t, L in zip(tensors, info["parts"])]
-            TIs = [T.take(np.arange(T.width), sub=T.sub + o) if o else T for T, o in zip(TIs, info["offsets"])]
+            TIs = [T if F is None else ex.aligned_teacher(P, T, F) for T, P, F in zip(TIs, info["parts"], info["fresh"])]
             ex.emit_copy(node, ex.rekey(cat_teacher(TIs, TIs[0].dim)))
         else:
             ex.emit_copy(node, next(ex.tl[t] for t in tensors if ex.tl.get(t) is not None))
@@ -332,9 +378,9 @@ class NormReduceRule(ReduceRule):
 
 
 _MOVE_METHODS = ("view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze",
-                 "chunk", "split", "narrow", "unflatten", "movedim", "swapaxes")
+                 "chunk", "split", "narrow", "unflatten", "movedim", "swapaxes", "unbind")
 _MOVE_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                   torch.chunk, torch.split, torch.narrow, torch.movedim, torch.swapaxes, operator.getitem)
+                   torch.chunk, torch.split, torch.narrow, torch.movedim, torch.swapaxes, torch.unbind, operator.getitem)
 for _m in _MOVE_METHODS:
     register_method_rule(_m, MoveRule())
 for _f in _MOVE_FUNCTIONS:

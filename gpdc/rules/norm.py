@@ -66,7 +66,8 @@ def _stat_weight(ex, TI, per_group: int) -> np.ndarray:
 
 class LayerNormRule(Rule):
     """``nn.LayerNorm`` and ``F.layer_norm`` over the channel dim, which must be the last dim
-    (ConvNeXt-style channels-first norms permute before and after, which the movement rules follow)."""
+    (ConvNeXt-style channels-first norms permute before and after, which the movement rules follow),
+    or over dims that hold no channels (a q/k norm over the head size), which needs nothing."""
 
     def analyze(self, node: fx.Node, an):
         x = node.args[0]
@@ -74,6 +75,9 @@ class LayerNormRule(Rule):
         m = an.module(node)
         shape = tuple(m.normalized_shape) if m is not None else tuple(_arg(node, 1, "normalized_shape"))
         nd = len(x.meta["gpdc.shape"])
+        if isinstance(L, Layout) and L.dim < nd - len(shape):  # e.g. a q/k norm over the head size: per head
+            an.info[node] = {"in": L, "per_channel": True}
+            return L
         if not isinstance(L, Layout) or L.dim != nd - 1 or len(shape) != 1:
             raise RuleError(
                 f"layer norm {node_label(node)} normalises over {shape} but the widened channels are in dim "
@@ -91,6 +95,8 @@ class LayerNormRule(Rule):
     def expand(self, node: fx.Node, ex) -> None:
         L = ex.an.info[node]["in"]
         TI = ex.tin(node.args[0], L)
+        if ex.an.info[node].get("per_channel"):
+            return self._unchanged(node, ex, TI)
         w = _stat_weight(ex, TI, L.width)
         uniform = bool(np.allclose(w, w[0]))
         m = ex.an.module(node)
@@ -117,6 +123,18 @@ class LayerNormRule(Rule):
                 if getattr(m, k, None) is not None:
                     ex.share(node.target, k, index={0: rows})
         ex.log(node, f"layer norm: {L.width}->{TI.width} channels, {'plain' if uniform else 'weighted'} statistics")
+
+
+    @staticmethod
+    def _unchanged(node: fx.Node, ex, TI) -> None:
+        """A norm over dims that hold no channels runs on every teacher copy as on the student's."""
+        m = ex.an.module(node)
+        if m is None:
+            ex.emit_copy(node, TI)
+            return
+        ex.emit_module(node, ex.clone(m), ex.arg(node.args[0]), layout=TI)
+        ex.share_unchanged(node.target, m)
+        ex.log(node, "layer norm over dims without channels: unchanged")
 
 
 class GroupNormRule(Rule):

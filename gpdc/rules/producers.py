@@ -82,8 +82,8 @@ class DenseRule(Rule):
             kind, out = "grouped", Layout.of_space(cdim, an.new_space(cout, node), cout)
             if np.any(L.sub):
                 raise RuleError(f"grouped conv '{node.target}' receives flattened features; not supported.")
-            an.spaces[out.space[0]].quantum = cout // groups
-            an.set_quantum(L, cin // groups)
+            an.set_quantum(out, cout // groups, node)
+            an.set_quantum(L, cin // groups, node)
         an.info[node] = {"kind": kind, "in": L, "out": out}
         return out
 
