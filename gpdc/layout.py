@@ -140,15 +140,15 @@ def encode_tags(layout: Layout, shape: tuple[int, ...]) -> tuple[torch.Tensor, i
 
 def decode_tags(tags: torch.Tensor, stride: int, width: int, default_dim: int | None = None):
     """From a tag tensor after reshapes: ``(dim, positions, spatial, lead)`` if the source positions vary
-    along one dim only (or, for a single channel, ``default_dim`` has size 1), else None (the channel dim is still split across several dims). ``spatial``
+    along one dim only (for a single channel: ``default_dim``), else None (the channel dim is still split across several dims). ``spatial``
     (trailing-dim offsets) and ``lead`` (leading-dim offsets, relative to the line's first) are None
     unless they vary along that dim, i.e. unless the op merged other dims into the channel dim."""
     pos = (tags // stride) % width
     spatial = tags % stride
     lead = tags // (stride * width)
     varying = [k for k in range(tags.dim()) if tags.shape[k] > 1 and not bool((pos == pos.narrow(k, 0, 1)).all())]
-    if not varying and default_dim is not None and tags.numel() and tags.shape[default_dim] == 1:
-        varying = [default_dim]  # a single channel left: it stays where the op kept the channel dim
+    if not varying and default_dim is not None and tags.numel():
+        varying = [default_dim]  # a single channel: it is where the op kept (or merged) the channel dim
     if len(varying) != 1:
         return None
     d = varying[0]

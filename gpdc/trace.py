@@ -57,6 +57,12 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(fx_features.get_notrace_modules()), tuple(fx_features.get_notrace_functions())
 
 
+def find_module_rule(cls: type):
+    from .rules.registry import module_rule  # noqa: PLC0415 (the rules import the tracer's registry)
+
+    return module_rule(cls)
+
+
 class GpdcTracer(ConcreteTracer):
     """A Tracer that honours the leaf registry, records the owning module of each node and the innermost
     module being traced when tracing fails."""
@@ -66,7 +72,10 @@ class GpdcTracer(ConcreteTracer):
         timm_modules, timm_functions = _timm_notrace()
         fns = tuple(_LEAF_FUNCTIONS) + tuple(leaf_functions) + timm_functions
         super().__init__(example, autowrap_functions=tuple(f for f in fns if callable(f) and hasattr(f, "__name__")))
-        self.leaf_types = tuple(_LEAF_MODULES) + tuple(leaf_modules) + timm_modules
+        self.leaf_types = tuple(_LEAF_MODULES) + tuple(leaf_modules)
+        self.timm_leaf_types = timm_modules  # leaves for timm's feature extraction only: traced into if possible
+        self._kept_leaf: set[int] = set()
+        self._trying: set[int] = set()
         self._owner: list[str] = [""]
         self._failure: tuple[BaseException, str] | None = None
         self.record_stack_traces = True
@@ -79,12 +88,16 @@ class GpdcTracer(ConcreteTracer):
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.timm_leaf_types) and not isinstance(m, self.leaf_types):
+            return id(m) in self._kept_leaf or find_module_rule(type(m)) is not None
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         if self.evaluating:  # a leaf module running on example values, not traced
             return super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
+        if isinstance(m, self.timm_leaf_types) and id(m) not in self._trying and not self.is_leaf_module(m, name):
+            return self._trace_into_or_keep(m, forward, args, kwargs)
         self._owner.append(name)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -94,6 +107,29 @@ class GpdcTracer(ConcreteTracer):
             raise
         finally:
             self._owner.pop()
+
+    def _trace_into_or_keep(self, m, forward, args, kwargs):
+        """A timm module that timm keeps out of fx graphs for feature extraction, without a gpdc rule: its
+        body is traced when it can be (so the ops inside are followed), else it stays one node."""
+        mark = self.graph._root.prev  # the last node so far
+        stack = self.module_stack.copy()  # fx leaves the failed modules on it
+        self._trying.add(id(m))
+        try:
+            return self.call_module(m, forward, args, kwargs)
+        except Exception:
+            added = []
+            node = mark.next
+            while node is not self.graph._root:
+                added.append(node)
+                node = node.next
+            for node in reversed(added):
+                self.graph.erase_node(node)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self._kept_leaf.add(id(m))
+            return self.call_module(m, forward, args, kwargs)
+        finally:
+            self._trying.discard(id(m))
 
     def failed_in(self, e: BaseException) -> str:
         """The qualified name of the innermost module being traced when ``e`` was raised ('' for the root)."""

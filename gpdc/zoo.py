@@ -19,15 +19,27 @@ TIMM = [
     "efficientvit_b0", "ghostnet_100", "resnet34", "efficientnet_b1", "regnetx_004", "convnext_pico", "tinynet_a",
     "fbnetc_100", "semnasnet_100", "spnasnet_100", "ese_vovnet19b_dw", "selecsls42b", "vit_base_patch16_224",
 ]
+# the long tail (issue 11): the smallest member of as many other timm families, and the models the issue names
+TIMM_LONG_TAIL = [
+    "rexnet_100", "mixnet_s", "res2net50_14w_8s", "cspresnet50", "dpn68", "cait_xxs24_224", "coat_lite_tiny",
+    "edgenext_xx_small", "mobilevit_xxs", "xcit_nano_12_p16_224", "twins_svt_small", "pvt_v2_b0", "nest_tiny",
+    "gcvit_xxtiny", "fastvit_t8", "efficientformer_l1", "tresnet_m", "nf_regnet_b0", "regnetz_b16", "hgnetv2_b0",
+    "inception_next_atto", "ghostnetv2_100", "mobilenetv4_conv_small", "repghostnet_050", "vgg11", "inception_v3",
+    "legacy_xception", "xception41p", "skresnet18", "resnest14d", "mobileone_s1", "efficientformerv2_s0",
+    "tiny_vit_5m_224", "crossvit_tiny_240", "beit_base_patch16_224", "eva02_tiny_patch14_224", "convit_tiny",
+    "visformer_tiny", "sequencer2d_s", "maxvit_pico_rw_256", "davit_tiny", "focalnet_tiny_srf", "hiera_tiny_224",
+    "rdnet_tiny", "starnet_s050", "mambaout_femto", "hardcorenas_a", "halonet_h1", "convmixer_768_32",
+    "cpubone_nano", "efficientvit_m0", "fasternet_t0", "iformer_t", "lcnetv2_small", "lowformer_b0", "mvitv2_tiny",
+    "nextvit_small", "repvit_m1", "legacy_seresnet18", "shvit_s1", "swiftformer_xs", "swinv2_cr_tiny_ns_224",
+    "swinv2_tiny_window8_256", "tnt_s_patch16_224", "vit_tiny_r_s16_p8_224", "vit_relpos_small_patch16_224",
+    "samvit_base_patch16_224", "vitamin_small_224", "volo_d1_224", "efficientvim_m1", "gmlp_ti16_224",
+    "inception_v4", "hieradet_small", "csatv2", "cspnext_tiny",
+]
 
 # "source:name" -> why it fails; listed in the README as well
 KNOWN_FAILURES: dict[str, str] = {
-    "timm:levit_128s": "attention reshapes q/k/v with reshape_as and splits heads of unequal key/value sizes "
-    "inside a traced module; no rule for that pattern",
-    "timm:efficientvit_b0": "LiteMLA (linear attention with multi-scale aggregation) is a timm leaf module without "
-    "a gpdc rule",
-    "timm:ghostnet_100": "the ghost module adds a concat of two convs' outputs, sliced, to a residual: coupling a "
-    "concatenated/sliced layout to one space is not supported (channel spaces couple as wholes)",
+    "timm:efficientvit_b0": "LiteMLA (linear attention with multi-scale aggregation) cannot be traced into (it is a "
+    "timm leaf module) and has no gpdc rule",
 }
 
 # torchvision input sizes: 64 for the CNNs (at 32 their last feature maps are 1x1, where train-mode BatchNorm
@@ -44,7 +56,7 @@ def torchvision_names() -> list[str]:
 
 
 def all_refs() -> list[str]:
-    return [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in TIMM]
+    return [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in TIMM + TIMM_LONG_TAIL]
 
 
 def build(ref: str, num_classes: int = 10, cnn_size: int = 64) -> tuple[nn.Module, int]:
@@ -59,16 +71,23 @@ def build(ref: str, num_classes: int = 10, cnn_size: int = 64) -> tuple[nn.Modul
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs), size
     import timm
 
-    try:  # transformers take the input size at construction
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=64), 64
+    try:  # transformers take the input size at construction (some accept 64 and then fail to run at it)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=64)
     except TypeError:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if _runs_at(model, 64):
+        return model, 64
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return model, model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+
+
+def _runs_at(model: nn.Module, size: int) -> bool:
     try:
         with torch.no_grad():
-            model.eval()(torch.randn(1, 3, 64, 64))
-        return model, 64
+            model.eval()(torch.randn(1, 3, size, size))
+        return True
     except Exception:
-        return model, model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        return False
 
 
 def fold_into_fresh(exp, ref: str, x: torch.Tensor) -> tuple[nn.Module, float]:

@@ -1,6 +1,6 @@
 """Channel rules, registered on import: one file per family of ops."""
 
-from . import attention, elementwise, movement, norm, params, producers  # noqa: F401  (registration side effects)
+from . import attention, elementwise, functional, movement, norm, params, probe, producers  # noqa: F401  (registration side effects)
 from .elementwise import register_elementwise
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout
 from .params import follow
@@ -105,7 +106,8 @@ class BinaryRule(Rule):
                 L = L or an.pinned_layout(node, d, ref.width, f"meets the unwidened tensor '{a.name}' channel for channel")
             out_dim = L.dim + offset
             if shape[L.dim] == 1 and out_shape[out_dim] > 1:
-                continue  # broadcast along the channel dim: nothing to couple
+                an.pin(L, f"is broadcast over the channels by {node_label(node)}")  # e.g. a one-channel spatial gate
+                continue
             L = L.with_dim(out_dim)
             if first is None:
                 first = L

@@ -20,26 +20,32 @@ import torch.fx as fx
 from ..layout import Layout
 
 
-def split_factors(node: fx.Node, L: Layout) -> list[int] | None:
-    """The factors a reshape splits the channel dim ``L.dim`` into (consecutive output dims), if that is
-    all it does and there are at least two of them."""
+def split_factors(node: fx.Node, L: Layout) -> tuple[int, list[int]] | None:
+    """(first output dim, factors) if the reshape splits the channel dim ``L.dim`` into at least two
+    consecutive output dims, keeps the dims after it and only regroups the dims before it (Twins merges
+    window dims in the same reshape)."""
     shape_in, shape_out = list(node.args[0].meta["gpdc.shape"]), list(node.meta["gpdc.shape"])
-    c = L.dim
-    k = len(shape_out) - len(shape_in) + 1
-    if k < 2 or np.any(L.sub) or shape_out[:c] != shape_in[:c] or shape_out[c + k:] != shape_in[c + 1:]:
+    c, trailing = L.dim, shape_in[L.dim + 1:]
+    end = len(shape_out) - len(trailing)
+    if np.any(L.sub) or shape_out[end:] != trailing:
         return None
-    factors = shape_out[c : c + k]
-    return factors if int(np.prod(factors)) == L.width and factors[-2] > 1 else None
+    lead = int(np.prod(shape_in[:c]))
+    for start in range(end - 1):
+        factors = shape_out[start:end]
+        if int(np.prod(shape_out[:start])) == lead and int(np.prod(factors)) == L.width and factors[-1] > 1:
+            return start, factors
+    return None
 
 
-def split_heads(node: fx.Node, L: Layout, factors: list[int], an) -> Layout:
+def split_heads(node: fx.Node, L: Layout, split: tuple[int, list[int]], an) -> Layout:
     """Open the head space of the split: head h widens with every channel of ``L`` it holds."""
+    start, factors = split
     heads = factors[-2]
     head_of = np.unravel_index(np.arange(L.width), factors)[-2]
-    out = Layout.of_space(L.dim + len(factors) - 2, an.new_space(heads, node), heads)
+    out = Layout.of_space(start + len(factors) - 2, an.new_space(heads, node), heads)
     members = Layout(L.dim, np.full(L.width, out.space[0]), head_of.astype(np.int64), np.zeros(L.width, np.int64))
     an.coupling.align(L, members, node.name)
-    an.info[node] = {"kind": "heads", "in": L, "factors": factors}
+    an.info[node] = {"kind": "heads", "in": L, "start": start, "factors": factors}
     return out
 
 
@@ -67,7 +73,7 @@ def expand_split_heads(node: fx.Node, ex) -> None:
     lookup = {kc: i for i, kc in enumerate(zip(TS.keys.tolist(), TS.copy.tolist()))}
     idx = np.array([lookup[kc] for kc in zip(keys.tolist(), copy.tolist())], dtype=np.int64)
     x = ex.index_select(node, ex.arg(node.args[0]), TS.dim, idx)
-    args = (x,) + ex.arg(_teacher_shape(node, L.dim, teacher_factors))
+    args = (x,) + ex.arg(_teacher_shape(node, info["start"], teacher_factors))
     ex.env[node] = ex.graph.create_node(node.op, node.target, args, ex.arg(node.kwargs), node.name)
     ex.tl[node] = TH
     ex.log(node, f"splits {L.width} channels into heads {factors[-2]}->{TH.width} of {factors[-1]}")

@@ -68,10 +68,18 @@ class MoveRule(Rule):
         if any(not isinstance(t, torch.Tensor) for t in parts):
             an.info[node] = {"kind": "value"}
             return None
+        if source_node is src and is_reshape(node) and (split := split_factors(node, L)):
+            one_head = split[1][-2] == 1  # looks like an unsqueeze unless attention follows
+            if (not one_head or _reaches_attention(node, an)) and \
+                    not _merged_back(node, parts[0], stride, source.width, len(src.meta["gpdc.shape"]), an):
+                return split_heads(node, L, split, an)
         lays, kinds = [], []
-        for t in parts:
-            same_rank = t.dim() == len(src.meta["gpdc.shape"]) and source_node is src
-            dec = decode_tags(t, stride, source.width, default_dim=L.dim if same_rank else None)
+        if source_node is src and L.width == 1:
+            single = _single_channel_dims(node, src, L, an, len(parts))
+        else:  # one channel sliced out of several stays in the channel dim when the rank does not change
+            single = [L.dim if isinstance(L, Layout) and t.dim() == len(src.meta["gpdc.shape"]) else None for t in parts]
+        for i, t in enumerate(parts):
+            dec = decode_tags(t, stride, source.width, default_dim=single[i] if single else None)
             if dec is None:
                 lays.append(SplitLayout(source_node, source, stride, t))
                 kinds.append("split")
@@ -89,10 +97,6 @@ class MoveRule(Rule):
             new_sub = source.sub[pos] * stride + sub if sub is not None else source.sub[pos]
             lays.append(source.take(pos, dim=d, sub=new_sub))
             kinds.append(self._classify(source_node is src, source, pos, sub))
-        if "split" in kinds and source_node is src and is_reshape(node):
-            factors = split_factors(node, L)
-            if factors and not _merged_back(node, parts[0], stride, source.width, an):
-                return split_heads(node, L, factors, an)
         if "split" in kinds:
             if len(parts) > 1:
                 raise RuleError(f"node '{node.name}' splits the channel dim over several dims and several outputs.")
@@ -103,7 +107,8 @@ class MoveRule(Rule):
                 raise RuleError(f"node '{node.name}' merges spatial dims into channels and has several outputs.")
             an.info[node] = {"kind": "tiled", "blocks": kinds[0][1]}
         elif all(k[0] == "natural" for k in kinds):
-            an.info[node] = {"kind": "natural", "repeat": [k[1] for k in kinds], "sub": [k[2] for k in kinds]}
+            an.info[node] = {"kind": "natural", "repeat": [k[1] for k in kinds], "sub": [k[2] for k in kinds],
+                             "merges": [k[3] for k in kinds]}
         else:
             for lay in lays:
                 if lay.dim != source.dim or np.any(lay.sub != source.sub[0]) and np.any(source.sub):
@@ -123,11 +128,11 @@ class MoveRule(Rule):
         if not np.array_equal(pos, np.repeat(np.arange(C), k)):
             return ("select",)
         if sub is None:
-            return ("natural", k, np.zeros(k, np.int64))
+            return ("natural", k, np.zeros(k, np.int64), False)
         rows = sub.reshape(C, k)
         if not (rows == rows[0]).all():
             return ("select",)
-        return ("natural", k, rows[0])
+        return ("natural", k, rows[0], True)
 
     def expand(self, node: fx.Node, ex) -> None:
         info = ex.an.info[node]
@@ -152,11 +157,9 @@ class MoveRule(Rule):
             outs = []
             lays = ex.an.layouts[node]
             lays = list(lays) if isinstance(lays, tuple) else [lays]
-            for lay, k, s in zip(lays, info["repeat"], info["sub"]):
-                stride = lay_stride(ex, node)
-                outs.append(TI.take(np.repeat(np.arange(TI.width), k), dim=lay.dim,
-                                    sub=np.repeat(TI.sub, k) * stride + np.tile(s, TI.width),
-                                    keys=None))
+            for lay, k, s, merges in zip(lays, info["repeat"], info["sub"], info["merges"]):
+                sub = np.repeat(TI.sub, k) * lay_stride(ex, node) + np.tile(s, TI.width) if merges else np.repeat(TI.sub, k)
+                outs.append(TI.take(np.repeat(np.arange(TI.width), k), dim=lay.dim, sub=sub, keys=None))
             outs = [ex.rekey(o) for o in outs]
             if node.op == "call_module":
                 ex.modules[node.target] = ex.clone(ex.an.module(node))
@@ -184,9 +187,51 @@ class MoveRule(Rule):
                 ex.log(node, f"channel rearrangement as index_select of {len(idxs[0])} channels from '{source.name}'")
 
 
-def _merged_back(node: fx.Node, tags: torch.Tensor, stride: int, width: int, an) -> bool:
+SENTINEL_STRIDE = 1_000_003  # marks a size-1 channel dim: no real dim of a small tag tensor has this stride
+
+
+def _single_channel_dims(node: fx.Node, src: fx.Node, L: Layout, an, n: int) -> list | None:
+    """Where a single channel's dim goes in each output (its tags cannot vary along it): through ops
+    that keep it (permute, transpose, indexing, unbind), the dim that kept a stride no other dim has;
+    else (reshape, flatten) the dim after as many elements as before the channel dim: a size-1 dim
+    there, or the dim the channel merged into."""
+    shape = src.meta["gpdc.shape"]
+    strides = list(torch.empty(shape).stride())
+    strides[L.dim] = SENTINEL_STRIDE
+    marked = torch.zeros(shape, dtype=torch.int64).as_strided(shape, strides)
+    try:
+        out = _call(node, _value(node.args, src, marked), _value(node.kwargs, src, marked), an)
+    except Exception:
+        return None
+    outs = [t if isinstance(t, torch.Tensor) else None for t in (out if isinstance(out, (list, tuple)) else [out])]
+    lead = int(np.prod(shape[:L.dim]))
+
+    def where(t):
+        kept = [d for d in range(t.dim()) if t.shape[d] == 1 and t.stride(d) == SENTINEL_STRIDE]
+        at = [d for d in range(t.dim()) if int(np.prod(t.shape[:d])) == lead]
+        return (kept or [d for d in at if t.shape[d] == 1] or [d for d in at if t.shape[d] > 1] or [None])[0]
+
+    return [None if t is None else where(t) for t in outs][:n]
+
+
+_ATTENTION_OPS = {torch.matmul, operator.matmul, torch.bmm, torch.einsum, "matmul", "bmm",
+                  torch.nn.functional.scaled_dot_product_attention}
+
+
+def _reaches_attention(node: fx.Node, an) -> bool:
+    """Whether the tensor reaches a matmul, einsum or scaled_dot_product_attention through movement ops."""
+    for user in node.users:
+        if user.target in _ATTENTION_OPS:
+            return True
+        if isinstance(find_rule(user, an), MoveRule) and _reaches_attention(user, an):
+            return True
+    return False
+
+
+def _merged_back(node: fx.Node, tags: torch.Tensor, stride: int, width: int, rank: int, an) -> bool:
     """Whether every use of ``node`` (a channel dim split across dims, as ``tags``) only moves dims until
-    the channels are one dim again (a channel shuffle), so nothing computes on the split tensor."""
+    all the channels are one dim of a tensor of the source's ``rank`` again (a channel shuffle), so nothing
+    computes on the split tensor."""
     for user in node.users:
         if not isinstance(find_rule(user, an), MoveRule):
             return False
@@ -200,7 +245,9 @@ def _merged_back(node: fx.Node, tags: torch.Tensor, stride: int, width: int, an)
         for n, t in items:
             if not isinstance(t, torch.Tensor):
                 return False
-            if decode_tags(t, stride, width) is None and not _merged_back(n, t, stride, width, an):
+            dec = decode_tags(t, stride, width)
+            whole = dec is not None and np.array_equal(np.sort(dec[1]), np.arange(width)) and t.dim() == rank
+            if not whole and not _merged_back(n, t, stride, width, rank, an):
                 return False
     return True
 

@@ -7,8 +7,9 @@ A rule tells the compiler how one op treats the channel dimension:
 * ``expand(node, ex)`` emits the teacher node(s) and the teacher layout, and records how the
   student's parameters are read out of the teacher's (the ParamMap).
 
-Users register rules for their own modules and functions; registration validates the rule, and a
-node whose inputs carry widened channels but which has no rule is an error, never a silent skip.
+Users register rules for their own modules and functions; registration validates the rule. A node
+whose inputs carry widened channels but which has no rule is probed (``gpdc.rules.probe``): accepted
+if it acts on each channel alike, else an error; never a silent skip.
 """
 
 from __future__ import annotations
@@ -66,13 +67,31 @@ def register_method_rule(name: str, rule: Rule) -> None:
 
 
 def find_rule(node: fx.Node, an) -> Rule | None:
+    """The registered rule of ``node``; for an op without one that produces tensors (a function, a method,
+    or a module without parameters and buffers), the rule that probes it (``gpdc.rules.probe``)."""
     if node.op == "call_module":
-        for cls in type(an.module(node)).__mro__:
+        m = an.module(node)
+        for cls in type(m).__mro__:
             if cls in _MODULE_RULES:
                 return _MODULE_RULES[cls]
-        return None
+        stateless = next(m.parameters(), None) is None and next(m.buffers(), None) is None
+        return _probed(node) if stateless else None
     if node.op == "call_function":
-        return _FUNCTION_RULES.get(node.target)
+        return _FUNCTION_RULES.get(node.target) or _probed(node)
     if node.op == "call_method":
-        return _METHOD_RULES.get(node.target)
+        return _METHOD_RULES.get(node.target) or _probed(node)
     return None
+
+
+def _probed(node: fx.Node) -> Rule | None:
+    """The probing fallback, for ops whose output holds tensors (a size or a dtype needs no channel rule)."""
+    if node.meta.get("gpdc.shape") is None:
+        return None
+    from .probe import PROBED  # noqa: PLC0415 (probe builds on the analysis, which imports this registry)
+
+    return PROBED
+
+
+def module_rule(cls: type) -> "Rule | None":
+    """The rule registered for ``cls`` or its nearest base class."""
+    return next((_MODULE_RULES[c] for c in cls.__mro__ if c in _MODULE_RULES), None)

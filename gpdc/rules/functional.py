@@ -1,0 +1,314 @@
+"""Functional convolutions and linears: ``F.conv1d/2d/3d(x, w, b, ...)`` (``torch.conv2d``, ...) and
+``F.linear(x, w, b)`` follow the rules of their modules (``producers.DenseRule``: dense, depthwise and
+grouped), whatever holds the weight.
+
+* A parameter, directly or through reshapes and dtype casts (``self.w.view(o, i, 1, 1)``, ``.to(x.dtype)``): the
+  teacher widens the parameter itself, as for the module, and the ParamMap reads the student's slice back.
+* A buffer, or any tensor computed without the input and without parameters (a fixed blur or Sobel kernel): the
+  teacher computes it at the student's size and gathers it to its own channels in the graph (rows per output
+  channel, columns per input channel times their fan-in scale), exact by construction.
+* A weight computed from parameters by other ops (weight standardisation ``(w - w.mean(...)) / w.std(...)``), a
+  weight that depends on the input, or a parameter other ops use as well is refused once widened channels
+  reach the layer: widening the parameter would change what those ops compute over its fan-in, and gathering
+  the computed weight would leave the teacher no weights of its own there. On an unwidened input (the data
+  input) such a layer keeps its width.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..analyze import node_label, source_line
+from ..errors import RuleError
+from ..layout import Layout
+from .params import _CHAIN_FUNCTIONS, _CHAIN_METHODS, _chain_to_param, _is_param, _run
+from .producers import dense_bias, dense_weight
+from .registry import Rule, register_function_rule
+
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR = ("input", "weight", "bias")
+_SHAPE_OPS = _CHAIN_METHODS | _CHAIN_FUNCTIONS
+_CASTS = ("to", "type_as", "float")  # chain ops re-emitted on the teacher's weight (reshapes are recomputed)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A functional layer's weight or bias: a parameter (its name, the get_attr and shape-only ops from it to the
+    layer, and its dims that are the layer's output and input dims) or, with ``param`` None, a constant."""
+
+    param: str | None
+    chain: tuple = ()
+    dims: tuple = ()
+
+
+def _value(v):
+    return v.meta.get("gpdc.value") if isinstance(v, fx.Node) else v
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_method":
+        return f"'.{n.target}()'"
+    return f"'{getattr(n.target, '__name__', n.target)}'"
+
+
+def _from_params(t: fx.Node, an) -> tuple[list[str], list[fx.Node]]:
+    """(parameters, ops between them and ``t``) among ``t``'s ancestors, in graph order."""
+    ancestors, stack = set(), [t]
+    while stack:
+        n = stack.pop()
+        if n not in ancestors:
+            ancestors.add(n)
+            stack.extend(n.all_input_nodes)
+    reach: dict[fx.Node, bool] = {}
+    for n in an.gm.graph.nodes:
+        if n in ancestors:
+            reach[n] = (n.op == "get_attr" and _is_param(an.gm, n.target)) or any(reach[a] for a in n.all_input_nodes)
+    params = [n.target for n in reach if reach[n] and n.op == "get_attr"]
+    return params, [n for n in reach if reach[n] and n.op.startswith("call")]
+
+
+def _runs_along(final: torch.Tensor, shape: torch.Size, d: int, k: int) -> bool:
+    """Whether dim ``d`` of a parameter of ``shape`` runs 0..n-1 along dim ``k`` of ``final`` (the parameter's
+    element indices after the chain) and along no other dim."""
+    if shape[d] != final.shape[k]:
+        return False
+    coord = torch.as_tensor(np.unravel_index(final.numpy(), tuple(shape))[d])
+    return bool((coord == torch.arange(shape[d]).view([-1] + [1] * (final.dim() - k - 1))).all())
+
+
+def _param_held(layer: fx.Node, chain: list[fx.Node], n_dims: int, an) -> _Held | str:
+    """The parameter at the head of ``chain``, if the layer is its only user and the chain only reshapes it so
+    that the layer's first ``n_dims`` dims are whole dims of the parameter, in order; else why not."""
+    target = chain[0].target
+    p = an.gm.get_parameter(target)
+    nxt = chain[1] if len(chain) > 1 else layer
+    others = [n.name for n in an.gm.graph.nodes if n is not chain[0] and (
+        n.op == "get_attr" and n.target == target or n.op == "call_module" and target.startswith(n.target + "."))]
+    others += [u.name for u in chain[0].users if u is not nxt] + [u.name for u in chain[-1].users if u is not layer]
+    if others:
+        return (f"is parameter '{target}', which other nodes use as well ({', '.join(dict.fromkeys(others[:3]))}); "
+                "gpdc widens a parameter for one layer only")
+    mixed = (f"is parameter '{target}' reshaped so that the layer's channel dims are not whole dims of it; reshape "
+             "it so its output and input channels stay dims of their own")
+    final = torch.arange(p.numel()).view(p.shape)
+    for n in chain[1:]:
+        final = _run(n, final)
+    if not torch.equal(final.flatten(), torch.arange(p.numel())):  # a broadcast, not a reshape
+        return mixed
+    dims = []
+    for k in range(n_dims):
+        d = next((d for d in range(dims[-1] + 1 if dims else 0, p.dim()) if _runs_along(final, p.shape, d, k)), None)
+        if d is None:
+            return mixed
+        dims.append(d)
+    return _Held(target, tuple(chain), tuple(dims))
+
+
+def _held(layer: fx.Node, t: fx.Node, n_dims: int, an) -> _Held | str:
+    """Where a weight or bias comes from (see the module docs), or why gpdc cannot widen it."""
+    chain = _chain_to_param(t)
+    if chain is not None and _is_param(an.gm, chain[0].target):
+        return _param_held(layer, chain, n_dims, an)
+    if an.depends_on_input(t):
+        return "depends on the model's input (a dynamic weight), so gpdc cannot widen it ahead of time"
+    params, ops = _from_params(t, an)
+    if not params:
+        return _Held(None)
+    if all(n.target in _SHAPE_OPS for n in ops):
+        return (f"is parameter '{params[0]}' reshaped by nodes that other ops use as well; gpdc widens a parameter "
+                "for one layer only")
+    names = ", ".join(dict.fromkeys(_op_name(n) for n in ops if n.target not in _SHAPE_OPS))
+    return (f"is computed from parameter '{params[0]}' by {names}; widening the parameter would change what these "
+            "ops compute over its fan-in (e.g. a weight standardisation's statistics), so the teacher would not be "
+            "exact")
+
+
+def _moved(t: torch.Tensor, dims: tuple, fn) -> torch.Tensor:
+    """``fn`` applied to ``t`` with ``dims`` moved to the front, moved back."""
+    front = tuple(range(len(dims)))
+    return fn(t.movedim(dims, front)).movedim(front, dims)
+
+
+class FunctionalDenseRule(Rule):
+    """``F.conv*d`` and ``F.linear``: open a new channel space, like ``DenseRule`` for the modules."""
+
+    opens_space = True
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names  # the function's parameters, in order
+
+    def _arg(self, node: fx.Node, name: str, default=None):
+        i = self.names.index(name)
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    def analyze(self, node: fx.Node, an):
+        x, w, b = (self._arg(node, k) for k in ("input", "weight", "bias"))
+        linear = "groups" not in self.names
+        groups = 1 if linear else _value(self._arg(node, "groups", 1))
+        cout, cin = w.meta["gpdc.shape"][0], w.meta["gpdc.shape"][1] * groups
+        cdim = len(x.meta["gpdc.shape"]) - 1 if linear else 1
+        L = an.layout_of(x)
+        if L is not None and not isinstance(L, Layout):
+            raise RuleError(f"layer {node_label(node)} receives a tensor whose channel dim is split across dims; "
+                            "reshape it back first.")
+        if L is not None and L.dim != cdim:
+            if not linear:
+                raise RuleError(f"convolution {node_label(node)} expects channels in dim 1, but its input carries them "
+                                f"in dim {L.dim}.")
+            an.info[node] = {"kind": "channelwise"}  # a linear over a non-channel dim acts on each channel alike
+            return L
+        n_dims = 2 if groups == 1 else 1
+        held = {"weight": _held(node, w, n_dims, an), "bias": _held(node, b, 1, an) if isinstance(b, fx.Node) else None}
+        refused = next(((k, h) for k, h in held.items() if isinstance(h, str)), None)
+        if refused and L is None:
+            an.info[node] = {"kind": "kept"}  # its output opens no space: the layer keeps its width
+            return None
+        if refused:
+            raise RuleError(self._refusal(node, *refused))
+        if L is None:
+            L = an.pinned_layout(node, cdim, cin, "input that is not widened (e.g. the data input)")
+        kind, out = self._kind(node, an, L, cin, cout, groups, cdim)
+        an.info[node] = {"kind": kind, "in": L, "out": out, **held}
+        return out
+
+    @staticmethod
+    def _kind(node: fx.Node, an, L: Layout, cin: int, cout: int, groups: int, cdim: int):
+        if groups == 1:
+            return "dense", Layout.of_space(cdim, an.new_space(cout, node), cout)
+        if groups == cin == cout:
+            return "depthwise", L  # in and out are the same channels: one coupled space
+        if np.any(L.sub):
+            raise RuleError(f"grouped convolution {node_label(node)} receives flattened features; not supported.")
+        out = Layout.of_space(cdim, an.new_space(cout, node), cout)
+        an.set_quantum(out, cout // groups, node)
+        an.set_quantum(L, cin // groups, node)
+        return "grouped", out
+
+    @staticmethod
+    def _refusal(node: fx.Node, what: str, why: str) -> str:
+        name = "torch.nn.functional.linear" if node.target is F.linear else f"torch.{node.target.__name__}"
+        line = f" Source: {source_line(node)}." if source_line(node) else ""
+        return (f"{name} at node {node_label(node)} receives widened channels, but its {what} {why}.{line} Pass the "
+                "parameter itself to the layer (reshapes and dtype casts are fine), use a module gpdc has a rule for "
+                f"(nn.Conv2d, nn.Linear; timm's StdConv2d for weight standardisation), or register a rule with "
+                f"gpdc.register_function_rule({name}, rule).")
+
+    # -- expand ---------------------------------------------------------------------------------
+    def expand(self, node: fx.Node, ex) -> None:
+        info = ex.an.info[node]
+        if info["kind"] in ("channelwise", "kept"):
+            ex.emit_copy(node, ex.tl.get(self._arg(node, "input")) if info["kind"] == "channelwise" else None)
+            return
+        L = info["in"]
+        TI = ex.tin(self._arg(node, "input"), L)
+        x, w, b = (ex.arg(self._arg(node, k)) for k in ("input", "weight", "bias"))
+        if info["kind"] == "dense":
+            TO = ex.canonical(info["out"])
+            w, b = self._dense(node, ex, info, TI, TO, w, b)
+            new = {}
+        elif info["kind"] == "depthwise":
+            TO = TI
+            pos = ex.student_pos(L, TI)
+            w, b = (self._rows(node, ex, info[k], t, pos, TI.positions_of(ex.keys(L))) for k, t in (("weight", w), ("bias", b)))
+            new = {"groups": TI.width}
+        else:
+            TO = ex.canonical(info["out"])
+            x, groups = self._grouped_input(node, ex, info, TI, TO, x)
+            rows = TO.positions_of(ex.keys(info["out"]))
+            w, b = (self._rows(node, ex, info[k], t, TO.index, rows) for k, t in (("weight", w), ("bias", b)))
+            new = {"groups": groups}
+        args, kwargs = self._teacher_args(node, ex, input=x, weight=w, bias=b, **new)
+        ex.env[node] = ex.graph.create_node("call_function", node.target, args, kwargs, node.name)
+        ex.tl[node] = TO
+        source = f"parameter '{info['weight'].param}'" if info["weight"].param else "a constant, gathered"
+        ex.log(node, f"functional {info['kind']}: {L.width}->{TI.width} in, {info['out'].width}->{TO.width} out; "
+                     f"weight {source}")
+
+    def _dense(self, node: fx.Node, ex, info: dict, TI, TO, w, b):
+        L, Lout = info["in"], info["out"]
+        cols, scale = ex.student_pos(L, TI), ex.fanin_scale(TI)
+        rows, in_pos = TO.positions_of(ex.keys(Lout)), TI.positions_of(ex.keys(L))
+        held = info["weight"]
+        if held.param:
+            w = _emit_param(ex, held, lambda t: dense_weight(ex, t, TO.index, TO, cols, scale),
+                            index={0: rows, 1: in_pos}, scale={1: 1.0 / scale[in_pos]})
+        else:
+            w = ex.index_select(node, ex.index_select(node, w, 0, TO.index), 1, cols)
+            shape = [1, -1] + [1] * (len(self._arg(node, "weight").meta["gpdc.shape"]) - 2)
+            w = ex.graph.call_function(operator.mul, (w, ex.buffer(node, "fanin_scale", torch.as_tensor(
+                scale, dtype=torch.float32).view(shape))))
+        held = info["bias"]
+        if held is not None and held.param:
+            b = _emit_param(ex, held, lambda t: dense_bias(ex, t, TO.index, TO.copy), index={0: rows})
+        elif held is not None:
+            b = ex.index_select(node, b, 0, TO.index)
+        return w, b
+
+    @staticmethod
+    def _rows(node: fx.Node, ex, held: _Held | None, t, rows_student: np.ndarray, rows: np.ndarray):
+        """A depthwise or grouped layer's weight or bias: its student rows per teacher output channel, unscaled."""
+        if held is None:
+            return t
+        if held.param:
+            idx = torch.as_tensor(rows_student)
+            return _emit_param(ex, held, lambda p: p.index_select(0, idx), index={0: rows})
+        return ex.index_select(node, t, 0, rows_student)
+
+    def _grouped_input(self, node: fx.Node, ex, info: dict, TI, TO, x):
+        """Teacher group g computes student group sigma(g) from one copy of its inputs (as ``DenseRule``)."""
+        L, Lout = info["in"], info["out"]
+        groups = _value(self._arg(node, "groups"))
+        a, b = L.width // groups, Lout.width // groups
+        in_keys = ex.keys(L)
+        gather = []
+        for g in range(TO.width // b):
+            sigma, c = TO.index[g * b] // b, TO.copy[g * b]
+            want = in_keys[sigma * a: (sigma + 1) * a]
+            gather.append(TI.positions_of(want, copy=c if np.isin(want, TI.keys[TI.copy == c]).all() else 0))
+        gather = np.concatenate(gather)
+        if not np.array_equal(gather, np.arange(TI.width)):
+            x = ex.index_select(node, x, 1, gather)
+            ex.log(node, f"grouped convolution reads {len(gather)} of {TI.width} input channels through a gather")
+        return x, TO.width // b
+
+    def _teacher_args(self, node: fx.Node, ex, **new):
+        args, kwargs = list(ex.arg(node.args)), dict(ex.arg(node.kwargs))
+        for name, v in new.items():
+            i = self.names.index(name)
+            if i < len(args):
+                args[i] = v
+            elif v is not None:
+                kwargs[name] = v
+        return tuple(args), kwargs
+
+
+def _emit_param(ex, held: _Held, fn, index: dict, scale: dict | None = None) -> fx.Node:
+    """Widen the parameter (``fn`` sees its layer dims first), record how the student reads it back, and emit the
+    teacher's weight: the parameter, reshaped like the student's chain, with the chain's dtype casts."""
+    p = ex.gm.get_parameter(held.param)
+    t = _moved(p.detach(), held.dims, fn)
+    ex.attrs[held.param] = nn.Parameter(t.contiguous(), requires_grad=p.requires_grad)
+    ex.param_map.add(held.param, held.param, index={held.dims[k]: v for k, v in index.items()},
+                     scale={held.dims[k]: v for k, v in (scale or {}).items()})
+    out = ex.graph.get_attr(held.param)
+    final = list(held.chain[-1].meta["gpdc.shape"])
+    for k, d in enumerate(held.dims):
+        final[k] = t.shape[d]
+    if tuple(final) != tuple(t.shape):
+        out = ex.graph.call_method("reshape", (out, tuple(final)))
+    for n in held.chain[1:]:
+        if n.op == "call_method" and n.target in _CASTS:
+            out = ex.graph.create_node(n.op, n.target, (out, *ex.arg(tuple(n.args[1:]))), ex.arg(n.kwargs))
+    return out
+
+
+for _fn in (F.conv1d, F.conv2d, F.conv3d):
+    register_function_rule(_fn, FunctionalDenseRule(_CONV))
+register_function_rule(F.linear, FunctionalDenseRule(_LINEAR))
