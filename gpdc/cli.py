@@ -104,6 +104,36 @@ def spec_cmd(schema: bool, path: str | None) -> None:
     click.echo(load_spec(path).model_dump_json(indent=2))
 
 
+_PROBED = ("probed: every other function and method, and modules without parameters or buffers, run on probe "
+           "tensors (gpdc/rules/probe.py) and are followed when they act on each channel alike, refused otherwise")
+
+
+@main.command("rules")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def rules_cmd(as_json: bool) -> None:
+    """List what gpdc supports: the channel rules, the leaf registries and the torchvision/timm integrations."""
+    from .rules.integrations import INTEGRATIONS
+    from .rules.registry import catalogue
+
+    listing = catalogue() | {"integrations": [e.as_dict() for e in INTEGRATIONS], "probed": _PROBED}
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    for key in ("module_rules", "function_rules", "method_rules"):
+        out.print(f"[bold]{key.replace('_', ' ')}[/] (by rule)")
+        for rule, targets in listing[key].items():
+            out.print(f"  {rule}: {', '.join(targets)}", markup=False)
+    for key in ("leaf_modules", "leaf_functions"):
+        out.print(f"[bold]{key.replace('_', ' ')}[/]: {', '.join(listing[key]) or 'none'}")
+    out.print("[bold]integrations[/] (gpdc/rules/integrations.py)")
+    for e in listing["integrations"]:
+        rule = f" {e['rule']}" if e["rule"] else ""
+        skipped = "" if e["installed"] else f" (skipped: {e['library']} is not installed)"
+        out.print(f"  {e['target']}: {e['kind']}{rule}{skipped}; {e['reason']}", markup=False)
+    out.print(listing["probed"], markup=False)
+
+
 @main.command("expand")
 @click.argument("model")
 @click.option("--spec", "spec_path", required=True, help="YAML spec (see specs/).")
@@ -330,7 +360,8 @@ def _print_report(report: dict) -> None:
         table.add_column(col)
     for g in report["groups"]:
         layers = ", ".join(g["layers"][:3]) + (f" (+{len(g['layers']) - 3})" if len(g["layers"]) > 3 else "")
-        table.add_row(str(g["group"]), str(g["C"]), str(g["C_teacher"]), f"{g['ratio']:g}", g["rule"], layers)
+        c = f"{g['C']} (per channel)" if g.get("per_channel") else str(g["C"])  # producers of different widths
+        table.add_row(str(g["group"]), c, str(g["C_teacher"]), f"{g['ratio']:g}", g["rule"], layers)
     out.print(table)
     out.print(f"parameters: student {report['student_params']:,}  teacher {report['teacher_params']:,}")
     outputs = report.get("outputs", {})

@@ -147,8 +147,9 @@ def _nothing_widens(an: ChannelAnalysis) -> str:
     functional = [n for n in an.gm.graph.nodes if n.op == "call_function"
                   and getattr(n.target, "__name__", "") in ("conv1d", "conv2d", "conv3d", "linear")]
     why = (f" The model computes {functional[0].target.__name__} functionally at node '{functional[0].name}' (in "
-           f"'{functional[0].meta.get('gpdc.scope', '')}'), e.g. with standardised weights; gpdc widens Conv/Linear "
-           "modules and layers with a registered rule only." if functional else "")
+           f"'{functional[0].meta.get('gpdc.scope', '')}'); a functional layer opens no widened channels when its "
+           "weight is computed from parameters by ops that mix its fan-in (e.g. weight standardisation), which "
+           "gpdc cannot widen exactly." if functional else "")
     features = [p for p in an.pinned_outputs if p.key]
     if features:
         keys = ", ".join(f"'{p.key}'" for p in features[:6]) + (", ..." if len(features) > 6 else "")

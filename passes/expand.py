@@ -78,7 +78,8 @@ class _Expander:
         for name, m in self.modules.items():
             _set_submodule(root, name, m)
         for name, t in self.attrs.items():
-            _set_attr(root, name, t)
+            if name.rpartition(".")[0] not in self.modules:  # a module's own weight read as an attribute (`.dtype`)
+                _set_attr(root, name, t)
         root.add_module("gpdc_index", self.index_buffers)
         teacher = fx.GraphModule(root, self.graph, class_name="DynamicTeacher")
         teacher.graph.eliminate_dead_code()
@@ -104,7 +105,7 @@ class _Expander:
         elif node.op == "get_attr":
             t = _get_attr(self.gm, node.target)
             self.attrs[node.target] = _copy.deepcopy(t)
-            if isinstance(t, nn.Parameter):
+            if isinstance(t, nn.Parameter) and node.target not in self.param_map.sources:  # a rule may map it
                 self.param_map.add(node.target, node.target)
         self.env[node] = self.graph.node_copy(node, self.arg_lookup)
         self.tl[node] = None

@@ -235,3 +235,38 @@ def test_random_permuted_slices_are_exact(w1, w2, seed, start, ratio, strategy):
     perm = torch.randperm(w1 + w2, generator=torch.Generator().manual_seed(seed)).tolist()
     start = min(start, w1 + w2 - 1)
     assert_exact(RandomLayouts(w1, w2, perm, start), size=6, ratio=ratio, strategy=strategy)
+
+
+PARTIAL_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 9, 3, padding=1)
+        self.head = nn.Linear(9, 4)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.a(s)
+        return self.head(torch.cat([y[:, :6] + s, y[:, 6:]], 1).mean((2, 3)))
+
+
+def build_model():
+    return Net()
+'''
+
+
+def test_cli_group_table_marks_per_channel_groups(tmp_path):
+    from click.testing import CliRunner
+
+    from gpdc.cli import main
+
+    (tmp_path / "model.py").write_text(PARTIAL_FILE)
+    (tmp_path / "spec.yaml").write_text("input_shape: [2, 3, 8, 8]\n")
+    r = CliRunner().invoke(main, ["expand", str(tmp_path / "model.py"), "--spec", str(tmp_path / "spec.yaml")])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.stdout.splitlines() if "stem" in line)
+    assert "9 (per channel)" in row and "18" in row, r.stdout

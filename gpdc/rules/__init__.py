@@ -1,7 +1,12 @@
-"""Channel rules, registered on import: one file per family of ops."""
+"""Channel rules, registered on import: one file per family of ops, then the table of torchvision and timm
+integrations (``integrations``), which builds on their rules."""
 
 from . import attention, elementwise, functional, movement, norm, params, probe, producers  # noqa: F401  (registration side effects)
 from .elementwise import register_elementwise
-from .registry import Rule, register_function_rule, register_method_rule, register_module_rule
+from .integrations import register_integrations
+from .registry import Rule, register_function_rule, register_method_rule, register_module_rule, scoped
 
-__all__ = ["Rule", "register_module_rule", "register_function_rule", "register_method_rule", "register_elementwise"]
+register_integrations()
+
+__all__ = ["Rule", "register_module_rule", "register_function_rule", "register_method_rule", "register_elementwise",
+           "scoped"]

@@ -16,7 +16,6 @@ number of copies (replicate) or gives new heads zero columns (grow). Per-head pa
 
 from __future__ import annotations
 
-import importlib.util
 import operator
 from types import SimpleNamespace
 
@@ -229,23 +228,5 @@ class WindowAttentionRule(AttentionRule):
         return new
 
 
-def _register() -> None:
-    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
-    from torchvision.models.swin_transformer import ShiftedWindowAttention
-
-    rules = [
-        (nn.MultiheadAttention, TorchMultiheadAttentionRule()),
-        (ShiftedWindowAttention, WindowAttentionRule()),
-        (RelativePositionalMultiHeadAttention, WindowAttentionRule("to_qkv", "merge", "n_heads")),
-    ]
-    if importlib.util.find_spec("timm") is not None:
-        from timm.layers.attention import Attention
-        from timm.models.swin_transformer import WindowAttention
-
-        rules += [(Attention, TimmAttentionRule()), (WindowAttention, WindowAttentionRule())]
-    for cls, rule in rules:
-        register_leaf_module(cls)
-        register_module_rule(cls, rule)
-
-
-_register()
+register_leaf_module(nn.MultiheadAttention)  # torchvision's and timm's attention modules: rules/integrations.py
+register_module_rule(nn.MultiheadAttention, TorchMultiheadAttentionRule())

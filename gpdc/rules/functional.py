@@ -183,7 +183,7 @@ class FunctionalDenseRule(Rule):
         if groups == 1:
             return "dense", Layout.of_space(cdim, an.new_space(cout, node), cout)
         if groups == cin == cout:
-            return "depthwise", L  # in and out are the same channels: one coupled space
+            return "depthwise", an.aligned_space(L, node)  # new channels that widen like their inputs
         if np.any(L.sub):
             raise RuleError(f"grouped convolution {node_label(node)} receives flattened features; not supported.")
         out = Layout.of_space(cdim, an.new_space(cout, node), cout)
@@ -214,7 +214,7 @@ class FunctionalDenseRule(Rule):
             w, b = self._dense(node, ex, info, TI, TO, w, b)
             new = {}
         elif info["kind"] == "depthwise":
-            TO = TI
+            TO = ex.aligned_teacher(L, TI, info["out"])
             pos = ex.student_pos(L, TI)
             w, b = (self._rows(node, ex, info[k], t, pos, TI.positions_of(ex.keys(L))) for k, t in (("weight", w), ("bias", b)))
             new = {"groups": TI.width}

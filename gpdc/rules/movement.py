@@ -13,13 +13,11 @@ shuffles (view → transpose → view) and slices need no per-model code. In the
 
 from __future__ import annotations
 
-import importlib.util
 import operator
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torchvision
 
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
@@ -435,12 +433,6 @@ for _f in _MOVE_FUNCTIONS:
 for _cls in (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.ChannelShuffle):
     register_module_rule(_cls, MoveRule())
 register_function_rule(torch.cat, CatRule())
-register_function_rule(torchvision.models.swin_transformer._patch_merging_pad, SpaceToChannelsRule(4))
-if importlib.util.find_spec("timm") is not None:  # timm Swin's fx-wrapped window (un)partitioning
-    from timm.models.swin_transformer import window_partition, window_reverse
-
-    register_function_rule(window_partition, MoveRule())
-    register_function_rule(window_reverse, MoveRule())
 register_function_rule(torch.concat, CatRule())
 for _name, _mean in (("mean", True), ("sum", False)):
     register_method_rule(_name, ReduceRule(_mean))

@@ -8,7 +8,6 @@ Under ``grow`` the old outputs read only the old inputs and the new rows are fre
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -18,7 +17,6 @@ from torch import nn
 
 from ..errors import RuleError
 from ..layout import Layout
-from ..trace import register_leaf_module
 from ..weighted_norm import WeightedStdConv2d
 from .registry import Rule, register_module_rule
 
@@ -76,8 +74,8 @@ class DenseRule(Rule):
         groups = 1 if is_linear else m.groups
         if groups == 1:
             kind, out = "dense", Layout.of_space(cdim, an.new_space(cout, node), cout)
-        elif groups == cin == cout:
-            kind, out = "depthwise", L  # in and out are the same channels: one coupled space
+        elif groups == cin == cout:  # output channel c is input channel c filtered: widens like it
+            kind, out = "depthwise", an.aligned_space(L, node)
         else:
             kind, out = "grouped", Layout.of_space(cdim, an.new_space(cout, node), cout)
             if np.any(L.sub):
@@ -120,12 +118,13 @@ class DenseRule(Rule):
                    f"->{TI.width} in, {Lout.width}->{TO.width} out")
             return
         if kind == "depthwise":
+            TO = ex.aligned_teacher(L, TI, info["out"])
             pos = torch.as_tensor(ex.student_pos(L, TI))
             params = {"weight": m.weight.detach().index_select(0, pos)}
             if has_bias:
                 params["bias"] = m.bias.detach().index_select(0, pos)
             new = ex.clone(m, params=params, in_channels=TI.width, out_channels=TI.width, groups=TI.width)
-            ex.emit_module(node, new, x, layout=TI)
+            ex.emit_module(node, new, x, layout=TO)
             rows = TI.positions_of(ex.keys(L))
             ex.share(node.target, "weight", index={0: rows})
             if has_bias:
@@ -192,12 +191,3 @@ class StdConvRule(DenseRule):
         if m.bias is not None:
             ex.share(node.target, "bias", index={0: TO.positions_of(ex.keys(Lout))})
         ex.log(node, f"weight-standardised dense: {L.width}->{TI.width} in, {Lout.width}->{TO.width} out")
-
-
-if importlib.util.find_spec("timm") is not None:
-    from timm.layers import Linear as _TimmLinear
-    from timm.layers import StdConv2d as _TimmStdConv2d
-
-    register_leaf_module(_TimmLinear)  # calls F.linear: keep it one node
-    register_leaf_module(_TimmStdConv2d)
-    register_module_rule(_TimmStdConv2d, StdConvRule())

@@ -7,17 +7,23 @@ A rule tells the compiler how one op treats the channel dimension:
 * ``expand(node, ex)`` emits the teacher node(s) and the teacher layout, and records how the
   student's parameters are read out of the teacher's (the ParamMap).
 
-Users register rules for their own modules and functions; registration validates the rule. A node
-whose inputs carry widened channels but which has no rule is probed (``gpdc.rules.probe``): accepted
-if it acts on each channel alike, else an error; never a silent skip.
+Users register rules for their own modules and functions; registration validates the rule, and
+replacing a target's rule by a different one warns (a silent override would change how every model
+using the op is widened). ``scoped()`` undoes the registrations made inside it. A node whose inputs
+carry widened channels but which has no rule is probed (``gpdc.rules.probe``): accepted if it acts on
+each channel alike, else an error; never a silent skip.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch.fx as fx
 from torch import nn
+
+from ..trace import _LEAF_FUNCTIONS, _LEAF_MODULES
 
 _MODULE_RULES: dict[type, "Rule"] = {}
 _FUNCTION_RULES: dict[Callable, "Rule"] = {}
@@ -38,32 +44,40 @@ class Rule:
     def expand(self, node: fx.Node, ex) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        """The class and its settings (``SpaceToChannelsRule(k=4)``), for warnings and ``gpdc rules``."""
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
-def _check(rule: Rule) -> Rule:
+
+def _store(table: dict, key, rule: Rule, what: str) -> None:
+    """Validate ``rule`` and file it under ``key``; replacing a different rule warns, naming both."""
     if not isinstance(rule, Rule) or type(rule).analyze is Rule.analyze or type(rule).expand is Rule.expand:
         raise TypeError(f"a channel rule must be a gpdc.rules.Rule instance defining analyze() and expand(), got {rule!r}")
-    return rule
+    old = table.get(key)
+    if old is not None and old is not rule:
+        warnings.warn(f"{what}: its channel rule {old!r} is replaced by {rule!r}", UserWarning, stacklevel=3)
+    table[key] = rule
 
 
 def register_module_rule(cls: type, rule: Rule) -> None:
     """Use ``rule`` for call_module nodes whose module is an instance of ``cls`` (most specific wins)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_module_rule expects an nn.Module subclass, got {cls!r}")
-    _MODULE_RULES[cls] = _check(rule)
+    _store(_MODULE_RULES, cls, rule, f"module {qualified_name(cls)}")
 
 
 def register_function_rule(fn: Callable, rule: Rule) -> None:
     """Use ``rule`` for call_function nodes whose target is ``fn``."""
     if not callable(fn):
         raise TypeError(f"register_function_rule expects a callable, got {fn!r}")
-    _FUNCTION_RULES[fn] = _check(rule)
+    _store(_FUNCTION_RULES, fn, rule, f"function {qualified_name(fn)}")
 
 
 def register_method_rule(name: str, rule: Rule) -> None:
     """Use ``rule`` for call_method nodes such as ``x.view(...)`` (name 'view')."""
     if not isinstance(name, str) or not name.isidentifier():
         raise TypeError(f"register_method_rule expects a method name, got {name!r}")
-    _METHOD_RULES[name] = _check(rule)
+    _store(_METHOD_RULES, name, rule, f"method '.{name}()'")
 
 
 def find_rule(node: fx.Node, an) -> Rule | None:
@@ -95,3 +109,45 @@ def _probed(node: fx.Node) -> Rule | None:
 def module_rule(cls: type) -> "Rule | None":
     """The rule registered for ``cls`` or its nearest base class."""
     return next((_MODULE_RULES[c] for c in cls.__mro__ if c in _MODULE_RULES), None)
+
+
+@contextmanager
+def scoped() -> Iterator[None]:
+    """Undo, on leaving the block, every rule and leaf registered inside it (the rule tables here and the
+    leaf registries of ``gpdc.trace``): a test or a notebook cell that registers its own rules leaves the
+    registries as it found them, so one test's rule cannot change how another's model is widened."""
+    tables = (_MODULE_RULES, _FUNCTION_RULES, _METHOD_RULES, _LEAF_MODULES, _LEAF_FUNCTIONS)
+    saved = [t.copy() for t in tables]
+    try:
+        yield
+    finally:
+        for table, copy in zip(tables, saved):
+            table.clear()
+            table.update(copy)
+
+
+def qualified_name(target) -> str:
+    """``module.name`` of a class or function (``torch.nn.modules.conv.Conv2d``, ``operator.add``)."""
+    module = getattr(target, "__module__", None) or ""
+    name = target.__qualname__ if isinstance(target, type) else getattr(target, "__name__", None) or repr(target)
+    module = {"_operator": "operator"}.get(module, module)
+    return f"{module}.{name}" if module else name
+
+
+def _by_rule(table: dict) -> dict[str, list[str]]:
+    """The targets of a rule table grouped by rule class, both sorted."""
+    groups: dict[str, list[str]] = {}
+    for target, rule in table.items():
+        groups.setdefault(type(rule).__name__, []).append(target if isinstance(target, str) else qualified_name(target))
+    return {k: sorted(v) for k, v in sorted(groups.items())}
+
+
+def catalogue() -> dict:
+    """What is registered (``gpdc rules``): rule targets by rule class, per kind of node, and the leaf registries."""
+    return {
+        "module_rules": _by_rule(_MODULE_RULES),
+        "function_rules": _by_rule(_FUNCTION_RULES),
+        "method_rules": _by_rule(_METHOD_RULES),
+        "leaf_modules": sorted(qualified_name(c) for c in _LEAF_MODULES),
+        "leaf_functions": sorted(qualified_name(f) for f in _LEAF_FUNCTIONS),
+    }

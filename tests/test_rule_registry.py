@@ -1,0 +1,236 @@
+"""The rule registry: every entry of the torchvision/timm integrations table is registered after import and
+fires on a small model (which stays exact), replacing a rule warns, ``scoped()`` undoes registrations,
+``gpdc rules`` lists what is supported, and the README's custom-rule example runs."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import gpdc
+from gpdc.analyze import ChannelAnalysis
+from gpdc.cli import main
+from gpdc.exactness import check_expansion
+from gpdc.rules import registry
+from gpdc.rules.elementwise import ChannelwiseRule
+from gpdc.rules.integrations import INTEGRATIONS, register_integrations
+from gpdc.rules.movement import MoveRule
+from gpdc.trace import _LEAF_FUNCTIONS, _LEAF_MODULES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nhwc(x):
+    return x.permute(0, 2, 3, 1)
+
+
+def tokens(x):
+    return x.flatten(2).transpose(1, 2)
+
+
+def partitions(x):
+    """[B, groups, partition, C], as MaxViT's attention takes it."""
+    return tokens(x).unsqueeze(1)
+
+
+def nchw(x):
+    return x
+
+
+class Around(nn.Module):
+    """conv → ``to`` → ``op`` → ``back`` → mean over positions → linear: the channels ``op`` sees come from
+    the conv and widen; only the linear's output is pinned."""
+
+    def __init__(self, op, out_channels, to=nhwc, back=None):
+        super().__init__()
+        self.conv, self.op, self.head = nn.Conv2d(3, 8, 1), op, nn.Linear(out_channels, 5)
+        self.to, self.back = to, back
+
+    def forward(self, x):
+        y = self.op(self.to(self.conv(x)))
+        y = self.back(y) if self.back else y
+        return self.head(y.flatten(1, -2).mean(1))
+
+
+def _swin_patch_merging():
+    from torchvision.models.swin_transformer import PatchMerging
+
+    return Around(PatchMerging(8), 16), [2, 3, 4, 4], ()
+
+
+def _stochastic_depth(leaf=()):
+    from torchvision.ops import StochasticDepth
+
+    return Around(StochasticDepth(0.2, "row"), 8, to=nchw, back=nhwc), [2, 3, 4, 4], leaf
+
+
+def _stochastic_depth_leaf():
+    from torchvision.ops import StochasticDepth
+
+    return _stochastic_depth((StochasticDepth,))
+
+
+def _shifted_window_attention():
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    return Around(ShiftedWindowAttention(8, [2, 2], [1, 1], 2), 8), [2, 3, 4, 4], ()
+
+
+def _maxvit_attention():
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    return Around(RelativePositionalMultiHeadAttention(8, 4, 4), 8, to=partitions), [2, 3, 2, 2], ()
+
+
+def _timm_linear():
+    from timm.layers import Linear
+
+    return Around(Linear(8, 4), 4), [2, 3, 4, 4], ()
+
+
+def _timm_std_conv():
+    from timm.layers import StdConv2d
+
+    return Around(StdConv2d(8, 8, 3, padding=1), 8, to=nchw, back=nhwc), [2, 3, 4, 4], ()
+
+
+def _timm_attention():
+    from timm.layers.attention import Attention
+
+    return Around(Attention(8, num_heads=2), 8, to=tokens), [2, 3, 4, 4], ()
+
+
+def _timm_swin_block():
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    return Around(SwinTransformerBlock(8, (4, 4), num_heads=2, window_size=2, shift_size=1), 8), [2, 3, 4, 4], ()
+
+
+# target of the integrations table -> (model, input shape, leaf modules) whose expansion fires it
+CASES = {
+    "torchvision.models.swin_transformer._patch_merging_pad": _swin_patch_merging,
+    "torchvision.ops.stochastic_depth": _stochastic_depth,
+    "torchvision.ops.StochasticDepth": _stochastic_depth_leaf,
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _shifted_window_attention,
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _maxvit_attention,
+    "timm.layers.Linear": _timm_linear,
+    "timm.layers.StdConv2d": _timm_std_conv,
+    "timm.layers.attention.Attention": _timm_attention,
+    "timm.models.swin_transformer.WindowAttention": _timm_swin_block,
+    "timm.models.swin_transformer.window_reverse": _timm_swin_block,
+}
+
+
+def _registered(entry):
+    """What the registries hold for the entry's target: its rule, or whether it is a leaf."""
+    target = entry.resolve()
+    return {
+        "module rule": lambda: registry.module_rule(target),
+        "function rule": lambda: registry._FUNCTION_RULES.get(target),
+        "leaf module": lambda: target in _LEAF_MODULES,
+        "leaf function": lambda: target in _LEAF_FUNCTIONS,
+    }[entry.kind]()
+
+
+def _fired(entry, an: ChannelAnalysis) -> bool:
+    """Whether the entry took effect on the analysed graph: its target is one node, analysed by its rule."""
+    target = entry.resolve()
+    for node in an.gm.graph.nodes:
+        if entry.kind in ("module rule", "leaf module"):
+            match = node.op == "call_module" and isinstance(an.module(node), target)
+        else:
+            match = node.op == "call_function" and node.target is target
+        if match and (entry.rule is None or an.rules.get(node) is entry.rule):
+            return True
+    return False
+
+
+def test_every_integration_has_a_case_that_fires_it():
+    assert {e.target for e in INTEGRATIONS} == set(CASES)
+
+
+@pytest.mark.parametrize("entry", INTEGRATIONS, ids=lambda e: f"{e.kind}:{e.target}")
+def test_integration_is_registered_after_import(entry):
+    if not entry.installed:
+        pytest.skip(f"{entry.library} is not installed")
+    assert _registered(entry) is (entry.rule if entry.rule is not None else True)
+
+
+@pytest.mark.parametrize("target", CASES)
+def test_integration_fires_and_stays_exact(target):
+    entries = [e for e in INTEGRATIONS if e.target == target]
+    if not entries[0].installed:
+        pytest.skip(f"{entries[0].library} is not installed")
+    model, shape, leaves = CASES[target]()
+    an = ChannelAnalysis(gpdc.trace(model, shape, leaf_modules=leaves))
+    assert [e.kind for e in entries if not _fired(e, an)] == []
+    exp = gpdc.expand(model, {"input_shape": shape, "expand": {"ratio": 1.5}}, leaf_modules=leaves)
+    assert any(g.teacher_width > g.width for g in exp.groups)
+    checks = check_expansion(exp, torch.randn(*shape))
+    assert all(c["ok"] for c in checks.values()), checks
+
+
+def test_replacing_a_rule_warns_naming_target_and_both_rules():
+    move = MoveRule()
+    gpdc.register_function_rule(torch.erf, move)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpdc.register_function_rule(torch.erf, move)  # the same rule again: silent
+        register_integrations()  # the table again: silent
+    with pytest.warns(UserWarning, match=r"function torch\.erf: its channel rule MoveRule\(\) is replaced by "
+                                         r"ChannelwiseRule\(spatial_only=False\)"):
+        gpdc.register_function_rule(torch.erf, ChannelwiseRule())
+    with pytest.warns(UserWarning, match=r"method '\.view\(\)'.*MoveRule\(\).*ChannelwiseRule"):
+        gpdc.register_method_rule("view", ChannelwiseRule())
+
+
+def test_scoped_restores_rules_and_leaves():
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
+
+    def custom(x):
+        return x
+
+    before = registry.catalogue()
+    with registry.scoped():
+        gpdc.register_leaf_module(Custom)
+        gpdc.register_leaf_function(custom)
+        gpdc.register_elementwise(Custom, custom, "erfinv")
+        with pytest.warns(UserWarning):
+            gpdc.register_module_rule(nn.Conv2d, ChannelwiseRule())
+        assert registry.catalogue() != before
+    assert registry.catalogue() == before
+    assert registry.module_rule(nn.Conv2d) is not None and type(registry.module_rule(nn.Conv2d)).__name__ == "DenseRule"
+
+
+def test_gpdc_rules_lists_rules_leaves_integrations_and_the_probe():
+    r = CliRunner().invoke(main, ["rules"])
+    assert r.exit_code == 0, r.output
+    for needle in ("module rules", "DenseRule: ", "torch.nn.modules.conv.Conv2d", "method rules", "MoveRule: ",
+                   "leaf modules", "_patch_merging_pad: function rule SpaceToChannelsRule(k=4)", "probed"):
+        assert needle in r.output, needle
+    assert r.output.strip().splitlines()[-1].startswith("probed:")
+
+
+def test_gpdc_rules_json_parses_and_import_registers_nothing_twice():
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", "gpdc", "rules", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listing = json.loads(r.stdout)
+    assert "torch.nn.modules.conv.Conv2d" in listing["module_rules"]["DenseRule"]
+    assert [e["target"] for e in listing["integrations"]] == [e.target for e in INTEGRATIONS]
+    assert all(e["reason"] for e in listing["integrations"]) and "probe" in listing["probed"]
+
+
+def test_custom_rule_example_runs_and_is_exact():
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_rule.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "without a rule: no channel rule for node 'scale'" in r.stdout
+    assert r.stdout.count(" exact") == 8 and "NOT EXACT" not in r.stdout, r.stdout
