@@ -167,3 +167,52 @@ def test_fold_returns_the_original_architecture():
     x = torch.randn(2, TOKENS, 5)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), set_mode(exp.student, False)(x), rtol=1e-5, atol=1e-6)
+
+
+class ChannelContraction(nn.Module):
+    """EfficientViT-MSRA / SHViT style: channels-first q, k, v; token attention from a sum over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.q, self.k, self.v = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        q, k, v = self.q(x).flatten(2), self.k(x).flatten(2), self.v(x).flatten(2)
+        attn = (q.transpose(-2, -1) @ k) * 0.3
+        y = (v @ attn.softmax(-1).transpose(-2, -1)).view(B, C, H, W)
+        return self.head((x + y).mean((2, 3)))
+
+
+class TokenSDPA(nn.Module):
+    """scaled_dot_product_attention on channels-last tokens without a head split."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 12)
+        self.q, self.k, self.v = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head((x + F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))).mean(1))
+
+
+@pytest.mark.parametrize("ratio,strategy", CASES)
+@pytest.mark.parametrize("model,shape", [(ChannelContraction, [2, 3, 6, 6]), (TokenSDPA, [2, TOKENS, 5])],
+                         ids=["channel_contraction", "token_sdpa"])
+def test_products_over_channels_count_each_channel_once(model, shape, ratio, strategy):
+    torch.manual_seed(0)
+    m = model()
+    randomize(m.eval())
+    x = torch.randn(*shape)
+    exp = gpdc.expand(m, {"input_shape": shape, "expand": {"ratio": ratio, "strategy": strategy}})
+    for train in (False, True):
+        ref, own = reference(m, x, train)
+        for cand in (exp.teacher, exp.student):
+            result = check(set_mode(cand, train), ref, own, x)
+            assert result.ok, f"r={ratio} {strategy} train={train}: {result}"
+    assert any("counted once" in line or "student's scale" in line for line in exp.log)

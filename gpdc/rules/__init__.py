@@ -1,7 +1,7 @@
 """Channel rules, registered on import: one file per family of ops, then the table of torchvision and timm
 integrations (``integrations``), which builds on their rules."""
 
-from . import attention, elementwise, functional, movement, norm, params, probe, producers  # noqa: F401  (registration side effects)
+from . import attention, contraction, elementwise, functional, movement, norm, params, probe, producers  # noqa: F401,E501  (registration side effects)
 from .elementwise import register_elementwise
 from .integrations import register_integrations
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule, scoped
