@@ -89,9 +89,11 @@ class Coupling:
         return (self.channels.roots(self.ids(L)) << SUB_BITS) | L.sub
 
     def tie(self, a: Layout, b: Layout, node_name: str) -> None:
-        """The channels at equal positions of ``a`` and ``b`` (same width and sub-positions) are one."""
-        for ca, cb in set(zip(self.ids(a).tolist(), self.ids(b).tolist())):
-            self.channels.union(ca, cb)
+        """The channels at equal positions of ``a`` and ``b`` (same width and sub-positions) are one, or,
+        for two channels of one producer, widen alike (ops pair their inputs by student position)."""
+        for ca, cb, sa, sb in set(zip(self.ids(a).tolist(), self.ids(b).tolist(), a.space.tolist(), b.space.tolist())):
+            if sa != sb:  # two channels of one producer (q against k, a gate against its sibling) stay distinct
+                self.channels.union(ca, cb)
             self.blocks.union(ca, cb)
         for sa, sb in set(zip(a.space.tolist(), b.space.tolist())):
             if sa != sb:

@@ -197,19 +197,24 @@ def test_ratio_conflict_across_a_partial_shortcut_names_the_coupling():
                                         "expand": {"ratio": 2.0, "layers": {"stem.0": 2.0, "a.0": 3.0}}})
 
 
-def test_same_layer_channels_tied_together_is_a_clear_error():
-    class Flip(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = cbr(3, 6)
-            self.head = nn.Linear(6, 2)
+class Reversed(nn.Module):
+    """Channels of one layer paired with each other: ``a + a[:, reversed]`` (and a GLU-style gate of halves)."""
 
-        def forward(self, x):
-            a = self.a(x)
-            return self.head((a + a[:, [5, 4, 3, 2, 1, 0]]).mean((2, 3)))
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 6)
+        self.head = nn.Linear(6, 2)
 
-    with pytest.raises(gpdc.CouplingError, match="ties together|cannot tell"):
-        gpdc.expand(Flip(), {"input_shape": [2, 3, 8, 8], "expand": {"ratio": 2.0}})
+    def forward(self, x):
+        a = self.a(x)
+        y = a + a[:, [5, 4, 3, 2, 1, 0]]
+        g, v = y.chunk(2, dim=1)
+        return self.head(torch.cat([torch.sigmoid(g) * v, v], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ratio,strategy", CASES)
+def test_channels_of_one_layer_paired_with_each_other(ratio, strategy):
+    assert_exact(Reversed(), ratio=ratio, strategy=strategy)
 
 
 class RandomLayouts(nn.Module):

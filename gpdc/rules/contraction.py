@@ -3,7 +3,7 @@ SHViT), linear attention, and ``scaled_dot_product_attention`` on channels-last 
 
 A teacher operand holds every student channel as several copies, so a plain product would count each channel
 once per copy. One operand is multiplied by the fan-in scale along the contracted dim (1/copies, or the first
-copy only under ``grow``), the other is lined up with it (``BinaryRule``'s alignment), and the contracted
+copy only under ``grow``), the other is lined up with it by student position (``ex.pair``), and the contracted
 channels of the two operands are coupled: channel i of one meets channel i of the other. For SDPA the softmax
 scale stays the student's ``1/sqrt(E)``. A product batched over the channels (heads) is an op that acts
 channel by channel, left to the probe (``gpdc.rules.probe``).
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout
-from .elementwise import _align, vars_equal
 from .probe import PROBED
 from .registry import Rule, register_function_rule, register_method_rule
 
@@ -73,8 +72,8 @@ class MatmulRule(Rule):
                 args[i] = ex.index_select(node, args[i], nd - dfe, ex.student_pos(layouts[scaled], T))
             elif i == scaled:
                 args[i] = _times_fanin(ex, node, args[i], T, dfe)
-            elif not vars_equal(ex.tl[node.args[i]].take(slice(None), dim=T.dim), T):
-                args[i] = ex.index_select(node, args[i], nd - dfe, _align(ex.tl[node.args[i]], T))
+            elif (idx := ex.pair(layouts[scaled], T, L, ex.tl[node.args[i]])) is not None:
+                args[i] = ex.index_select(node, args[i], nd - dfe, idx)
         ex.env[node] = ex.graph.create_node(node.op, node.target, tuple(args), ex.arg(node.kwargs), node.name)
         ex.tl[node] = None
         ex.log(node, f"sums over {layouts[scaled].width}->{T.width} channels, each student channel counted once")
@@ -99,7 +98,7 @@ class AttentionProductRule(Rule):
             raise RuleError(f"scaled_dot_product_attention {node_label(node)} sums over widened channels of only one "
                             "of q and k (or with an explicit scale); gpdc widens both or neither.")
         an.couple(Lq, Lk, node)
-        an.info[node] = {"contracts": True, "q": Lq}
+        an.info[node] = {"contracts": True, "q": Lq, "k": Lk}
         return an.layout_of(node.args[2])
 
     def expand(self, node: fx.Node, ex) -> None:
@@ -109,7 +108,8 @@ class AttentionProductRule(Rule):
         q, k, v = node.args[:3]
         TQ, TK = ex.tl[q], ex.tl[k]
         nq = len(q.meta["gpdc.shape"])
-        kq = ex.arg(k) if vars_equal(TK, TQ) else ex.index_select(node, ex.arg(k), nq - 1, _align(TK, TQ))
+        idx = ex.pair(info["q"], TQ, info["k"], TK)
+        kq = ex.arg(k) if idx is None else ex.index_select(node, ex.arg(k), nq - 1, idx)
         args = (_times_fanin(ex, node, ex.arg(q), TQ, 1), kq, *ex.arg(node.args[2:]))
         kwargs = dict(ex.arg(node.kwargs), scale=1 / math.sqrt(info["q"].width))
         ex.env[node] = ex.graph.create_node(node.op, node.target, args, kwargs, node.name)

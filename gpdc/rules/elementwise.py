@@ -89,7 +89,7 @@ class BinaryRule(Rule):
         out_shape = node.meta["gpdc.shape"]
         ref = carried[0][1]
         nd = len(out_shape)
-        first = None
+        first, ref_node, paired = None, None, {}
         gathers = {}  # input-independent tensors that meet the channels: gathered per teacher channel
         for a, L in lays:
             shape = a.meta["gpdc.shape"]
@@ -108,19 +108,20 @@ class BinaryRule(Rule):
                 an.pin(L, f"is broadcast over the channels by {node_label(node)}")  # e.g. a one-channel spatial gate
                 continue
             L = L.with_dim(out_dim)
+            paired[a] = L
             if first is None:
-                first = L
+                first, ref_node = L, a
             else:
                 if first.dim != L.dim:
                     raise RuleError(f"node {node.name} combines tensors whose channels sit in different dims ({first.dim}, {L.dim}).")
                 an.couple(first, L, node)
-        an.info[node] = {"out": first, "gathers": gathers}
+        an.info[node] = {"out": first, "ref": ref_node, "paired": paired, "gathers": gathers}
         return first
 
     def expand(self, node: fx.Node, ex) -> None:
-        first, gathers = ex.an.info[node]["out"], ex.an.info[node]["gathers"]
-        carried = [ex.tl.get(a) for a in node.args if isinstance(a, fx.Node)]
-        TO = next((T for T in carried if T is not None and not isinstance(T, tuple)), None)
+        info = ex.an.info[node]
+        first, gathers, paired = info["out"], info["gathers"], info["paired"]
+        TO = ex.tl.get(info["ref"]) if info["ref"] is not None else None
         new_args = []
         for a in node.args:
             na = ex.arg(a)
@@ -129,29 +130,13 @@ class BinaryRule(Rule):
                 Lc = gathers[a]
                 na = ex.index_select(node, na, Lc.dim, ex.student_pos(Lc, TO))
                 ex.log(node, f"input-independent '{a.name}' gathered to the teacher's {TO.width} channels")
-            elif T is not None and not isinstance(T, tuple) and T is not TO and not vars_equal(T, TO):
-                na = ex.index_select(node, na, T.dim, _align(T, TO))
+            elif isinstance(a, fx.Node) and a in paired and T is not None and a is not info["ref"]:
+                idx = ex.pair(first, TO, paired[a], T)
+                na = na if idx is None else ex.index_select(node, na, T.dim, idx)
             new_args.append(na)
         if TO is not None:
             TO = TO.take(slice(None), dim=first.dim)
         ex.emit_copy(node, TO, args=tuple(new_args))
-
-
-def vars_equal(a, b) -> bool:
-    import numpy as np
-
-    return a.dim == b.dim and np.array_equal(a.keys, b.keys) and np.array_equal(a.copy, b.copy)
-
-
-def _align(T, TO):
-    """Positions in T that hold TO's (key, copy) pairs, so that T[positions] lines up with TO."""
-    import numpy as np
-
-    lookup = {(k, c): i for i, (k, c) in enumerate(zip(T.keys.tolist(), T.copy.tolist()))}
-    try:
-        return np.array([lookup[(k, c)] for k, c in zip(TO.keys.tolist(), TO.copy.tolist())], dtype=np.int64)
-    except KeyError:
-        raise RuleError("two coupled teacher tensors hold different copies of their channels; cannot align them.") from None
 
 
 _UNARY_MODULES = (

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from ..analyze import node_label, source_line
 from ..errors import RuleError
 from ..layout import Layout, TeacherLayout
-from .elementwise import _align
 from .params import follow
 from .registry import Rule
 
@@ -560,7 +559,8 @@ class ProbedRule(Rule):
             if a not in mapped or T is None:
                 return new
             if isinstance(T, TeacherLayout):
-                return new if _lined_up(T, TO) else ex.index_select(node, new, T.dim, _align(T, TO))
+                idx = ex.pair(ref.layout, TO, ex.an.layout_of(a), T)
+                return new if idx is None else ex.index_select(node, new, T.dim, idx)
             if all(t is None or _lined_up(t, TO) for t in T):
                 return new
             raise RuleError(f"node {node_label(node)} receives a tuple of tensors whose teacher channels are ordered "
