@@ -5,8 +5,9 @@ A teacher operand holds every student channel as several copies, so a plain prod
 once per copy. One operand is multiplied by the fan-in scale along the contracted dim (1/copies, or the first
 copy only under ``grow``), the other is lined up with it by student position (``ex.pair``), and the contracted
 channels of the two operands are coupled: channel i of one meets channel i of the other. For SDPA the softmax
-scale stays the student's ``1/sqrt(E)``. A product batched over the channels (heads) is an op that acts
-channel by channel, left to the probe (``gpdc.rules.probe``).
+scale stays the student's ``1/sqrt(E)``. A product that keeps the channels (rows of a, columns of b, a batch
+dim such as heads) acts channel by channel: the output carries them. SDPA batched over heads is left to the
+probe (``gpdc.rules.probe``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class MatmulRule(Rule):
         b_dim = 1 if len(b.meta["gpdc.shape"]) == 1 else 2
         La, Lb = _contracted(node, an, 0, 1), _contracted(node, an, 1, b_dim)
         if La is None and Lb is None:
-            return PROBED.analyze(node, an)
+            return self._batched(node, an)
         pairs = [(0, La, 1), (1, Lb, b_dim)]
         scaled = next(i for i, L, _ in pairs if L is not None)
         for i, L, dfe in pairs:
@@ -59,10 +60,34 @@ class MatmulRule(Rule):
         an.info[node] = {"contracts": True, "layouts": (La, Lb), "dims": (1, b_dim), "scaled": scaled}
         return None
 
+    def _batched(self, node: fx.Node, an):
+        """Channels in a dim the product keeps (rows of a, columns of b, or a batch dim such as heads): the
+        output carries them; channels of both operands in one batch dim are paired."""
+        a, b = node.args[:2]
+        out_nd = len(node.meta["gpdc.shape"])
+        kept = []
+        for i, x in enumerate((a, b)):
+            L = an.layout_of(x)
+            if L is None:
+                continue
+            nd = len(x.meta["gpdc.shape"])
+            if not isinstance(L, Layout) or nd < 2:
+                raise RuleError(f"node {node_label(node)} multiplies a tensor whose channel dim is split across dims.")
+            is_col = i == 1 and L.dim == nd - 1
+            kept.append((x, L.with_dim(out_nd - 1 if is_col else L.dim + out_nd - nd)))
+        dims = {L.dim for _, L in kept}
+        if len(dims) > 1 or (len(kept) == 2 and dims.pop() >= out_nd - 2):
+            raise RuleError(f"node {node_label(node)} multiplies two tensors that carry channels in different dims; "
+                            "gpdc follows products over the channels of both or batched over the channels.")
+        if len(kept) == 2:
+            an.couple(kept[0][1], kept[1][1], node)
+        an.info[node] = {"kept": kept}
+        return kept[0][1]
+
     def expand(self, node: fx.Node, ex) -> None:
         info = ex.an.info[node]
-        if "contracts" not in info:
-            return PROBED.expand(node, ex)
+        if "kept" in info:
+            return self._expand_batched(node, ex, info["kept"])
         layouts, dims, scaled = info["layouts"], info["dims"], info["scaled"]
         T = ex.tl[node.args[scaled]]
         args = list(ex.arg(node.args))
@@ -77,6 +102,19 @@ class MatmulRule(Rule):
         ex.env[node] = ex.graph.create_node(node.op, node.target, tuple(args), ex.arg(node.kwargs), node.name)
         ex.tl[node] = None
         ex.log(node, f"sums over {layouts[scaled].width}->{T.width} channels, each student channel counted once")
+
+
+    @staticmethod
+    def _expand_batched(node: fx.Node, ex, kept) -> None:
+        (ref, L_ref), *rest = kept
+        T_ref = ex.tl[ref]
+        args = list(ex.arg(node.args))
+        for x, L in rest:  # the other operand's channels lined up with the first's
+            if (idx := ex.pair(L_ref, T_ref, L, ex.tl[x])) is not None:
+                i = list(node.args).index(x)
+                args[i] = ex.index_select(node, args[i], ex.tl[x].dim, idx)
+        ex.env[node] = ex.graph.create_node(node.op, node.target, tuple(args), ex.arg(node.kwargs), node.name)
+        ex.tl[node] = T_ref.take(slice(None), dim=L_ref.dim)
 
 
 def _times_fanin(ex, node: fx.Node, x, T, dim_from_end: int):

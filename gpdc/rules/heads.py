@@ -22,18 +22,20 @@ from ..layout import Layout
 
 def split_factors(node: fx.Node, L: Layout) -> tuple[int, list[int]] | None:
     """(first output dim, factors) if the reshape splits the channel dim ``L.dim`` into at least two
-    consecutive output dims, keeps the dims after it and only regroups the dims before it (Twins merges
-    window dims in the same reshape)."""
+    consecutive output dims and only regroups the dims before and after it (Twins merges window dims,
+    Visformer the spatial dims, in the same reshape)."""
     shape_in, shape_out = list(node.args[0].meta["gpdc.shape"]), list(node.meta["gpdc.shape"])
-    c, trailing = L.dim, shape_in[L.dim + 1:]
-    end = len(shape_out) - len(trailing)
-    if np.any(L.sub) or shape_out[end:] != trailing:
+    c = L.dim
+    lead, trail = int(np.prod(shape_in[:c])), int(np.prod(shape_in[c + 1:]))
+    if np.any(L.sub):
         return None
-    lead = int(np.prod(shape_in[:c]))
-    for start in range(end - 1):
-        factors = shape_out[start:end]
-        if int(np.prod(shape_out[:start])) == lead and int(np.prod(factors)) == L.width and factors[-1] > 1:
-            return start, factors
+    for start in range(len(shape_out)):
+        if int(np.prod(shape_out[:start])) != lead:
+            continue
+        for end in range(len(shape_out), start + 1, -1):
+            factors = shape_out[start:end]
+            if int(np.prod(shape_out[end:])) == trail and int(np.prod(factors)) == L.width and factors[-1] > 1:
+                return start, factors
     return None
 
 
