@@ -7,11 +7,11 @@ grouped), whatever holds the weight.
 * A buffer, or any tensor computed without the input and without parameters (a fixed blur or Sobel kernel): the
   teacher computes it at the student's size and gathers it to its own channels in the graph (rows per output
   channel, columns per input channel times their fan-in scale), exact by construction.
-* A weight computed from parameters by other ops (weight standardisation ``(w - w.mean(...)) / w.std(...)``), a
-  weight that depends on the input, or a parameter other ops use as well is refused once widened channels
-  reach the layer: widening the parameter would change what those ops compute over its fan-in, and gathering
-  the computed weight would leave the teacher no weights of its own there. On an unwidened input (the data
-  input) such a layer keeps its width.
+* A weight (or bias) computed from parameters by other ops (weight standardisation, NF-Nets' scaled weights,
+  BEiT's ``cat((q_bias, k_bias, v_bias))``), or a parameter other ops use as well: the teacher computes it from the
+  student-sized parameters, as the student does, and gathers it like a constant. Exact (widening the parameter
+  would change what those ops compute over its fan-in), but the teacher has no extra weights in that layer, which
+  ``--explain`` says. A weight that depends on the input is refused once widened channels reach the layer.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class _Held:
     param: str | None
     chain: tuple = ()
     dims: tuple = ()
+    why: str = ""  # why a weight computed from parameters is gathered rather than widened
 
 
 def _value(v):
@@ -115,19 +116,15 @@ def _held(layer: fx.Node, t: fx.Node, n_dims: int, an) -> _Held | str:
     """Where a weight or bias comes from (see the module docs), or why gpdc cannot widen it."""
     chain = _chain_to_param(t)
     if chain is not None and _is_param(an.gm, chain[0].target):
-        return _param_held(layer, chain, n_dims, an)
+        held = _param_held(layer, chain, n_dims, an)
+        return held if isinstance(held, _Held) else _Held(None, why=held)
     if an.depends_on_input(t):
         return "depends on the model's input (a dynamic weight), so gpdc cannot widen it ahead of time"
     params, ops = _from_params(t, an)
     if not params:
         return _Held(None)
-    if all(n.target in _SHAPE_OPS for n in ops):
-        return (f"is parameter '{params[0]}' reshaped by nodes that other ops use as well; gpdc widens a parameter "
-                "for one layer only")
-    names = ", ".join(dict.fromkeys(_op_name(n) for n in ops if n.target not in _SHAPE_OPS))
-    return (f"is computed from parameter '{params[0]}' by {names}; widening the parameter would change what these "
-            "ops compute over its fan-in (e.g. a weight standardisation's statistics), so the teacher would not be "
-            "exact")
+    names = ", ".join(dict.fromkeys(_op_name(n) for n in ops if n.target not in _SHAPE_OPS)) or "reshapes"
+    return _Held(None, why=f"is computed from parameter '{params[0]}' by {names}")
 
 
 def _moved(t: torch.Tensor, dims: tuple, fn) -> torch.Tensor:
@@ -227,7 +224,10 @@ class FunctionalDenseRule(Rule):
         args, kwargs = self._teacher_args(node, ex, input=x, weight=w, bias=b, **new)
         ex.env[node] = ex.graph.create_node("call_function", node.target, args, kwargs, node.name)
         ex.tl[node] = TO
-        source = f"parameter '{info['weight'].param}'" if info["weight"].param else "a constant, gathered"
+        held = info["weight"]
+        source = (f"parameter '{held.param}'" if held.param else
+                  f"gathered at the student's size: it {held.why} (exact; no extra weights in this layer)" if held.why
+                  else "a constant, gathered")
         ex.log(node, f"functional {info['kind']}: {L.width}->{TI.width} in, {info['out'].width}->{TO.width} out; "
                      f"weight {source}")
 

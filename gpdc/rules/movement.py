@@ -19,24 +19,41 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
 from .heads import expand_split_heads, split_factors, split_heads
+from .probe import known_value
 from .registry import Rule, find_rule, register_function_rule, register_method_rule, register_module_rule
 from .shapes import is_reshape, patch_shape
 
 
-def _value(a, src, tags):
+def _value(a, src, tags, an):
     if isinstance(a, fx.Node):
-        return tags if a is src else a.meta.get("gpdc.value")
+        if a is src:
+            return tags
+        known = a.meta.get("gpdc.value")
+        return known_value(an.gm, a) if known is None and a.meta.get("gpdc.shape") is not None else known
     if isinstance(a, (list, tuple)):
-        return type(a)(_value(x, src, tags) for x in a)
+        return type(a)(_value(x, src, tags, an) for x in a)
     if isinstance(a, dict):
-        return {k: _value(v, src, tags) for k, v in a.items()}
+        return {k: _value(v, src, tags, an) for k, v in a.items()}
     if isinstance(a, slice):
-        return slice(_value(a.start, src, tags), _value(a.stop, src, tags), _value(a.step, src, tags))
+        return slice(_value(a.start, src, tags, an), _value(a.stop, src, tags, an), _value(a.step, src, tags, an))
     return a
+
+
+def _run_on(node: fx.Node, src: fx.Node, tags: torch.Tensor, an):
+    """The op of ``node`` run on ``tags`` in place of its input ``src`` (other tensors: their known values)."""
+    args, kwargs = _value(node.args, src, tags, an), _value(node.kwargs, src, tags, an)
+    tensors_unknown = [a for a in node.all_input_nodes if a is not src and a.meta.get("gpdc.shape") is not None
+                       and a.meta.get("gpdc.value") is None and known_value(an.gm, a) is None]
+    if tensors_unknown:
+        raise RuleError(f"node {node_label(node)} moves channels using the tensor '{tensors_unknown[0].name}', whose "
+                        "values gpdc does not know (a float or a large tensor used as an index); index with a small "
+                        "integer tensor or register a rule for the op.")
+    return _call(node, args, kwargs, an)
 
 
 def _call(node: fx.Node, args, kwargs, an):
@@ -61,7 +78,7 @@ class MoveRule(Rule):
             source_node, source = src, L
         else:
             tags, stride, source_node, source = L.tags, L.stride, L.source_node, L.source
-        out = _call(node, _value(node.args, src, tags), _value(node.kwargs, src, tags), an)
+        out = _run_on(node, src, tags, an)
         parts = list(out) if isinstance(out, (list, tuple)) else [out]
         if any(not isinstance(t, torch.Tensor) for t in parts):
             an.info[node] = {"kind": "value"}
@@ -198,7 +215,7 @@ def _single_channel_dims(node: fx.Node, src: fx.Node, L: Layout, an, n: int) -> 
     strides[L.dim] = SENTINEL_STRIDE
     marked = torch.zeros(shape, dtype=torch.int64).as_strided(shape, strides)
     try:
-        out = _call(node, _value(node.args, src, marked), _value(node.kwargs, src, marked), an)
+        out = _run_on(node, src, marked, an)
     except Exception:
         return None
     outs = [t if isinstance(t, torch.Tensor) else None for t in (out if isinstance(out, (list, tuple)) else [out])]
@@ -233,7 +250,10 @@ def _merged_back(node: fx.Node, tags: torch.Tensor, stride: int, width: int, ran
     for user in node.users:
         if not isinstance(find_rule(user, an), MoveRule):
             return False
-        out = _call(user, _value(user.args, node, tags), _value(user.kwargs, node, tags), an)
+        try:
+            out = _run_on(user, node, tags, an)
+        except RuleError:
+            return False
         if isinstance(out, (list, tuple)):
             items = [(u, out[u.args[1]]) for u in user.users if u.target is operator.getitem]
             if len(items) < len(user.users):

@@ -95,6 +95,12 @@ def _examples(gm: fx.GraphModule) -> dict:
     return _EXAMPLES[gm]
 
 
+def known_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The value of an integer or bool tensor of the student (an index or a mask), if small enough to keep."""
+    info = _examples(gm).get(node)
+    return info.value if isinstance(info, _TensorInfo) else None
+
+
 # -- the op's inputs ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
