@@ -150,6 +150,19 @@ class _Expander:
         lookup = dict(zip(self.keys(L).tolist(), range(L.width)))
         return np.array([lookup[k] for k in T.keys.tolist()], dtype=np.int64)
 
+    def pair(self, L_ref: Layout, T_ref: TeacherLayout, L: Layout, T: TeacherLayout) -> np.ndarray | None:
+        """Positions of ``T`` that line up with ``T_ref`` in an op that pairs its inputs position by position
+        (student layouts ``L_ref``, ``L``): the same student position, the same copy. None if already lined up."""
+        want_pos, want_copy = self.student_pos(L_ref, T_ref), T_ref.copy
+        lookup = {kc: i for i, kc in enumerate(zip(T.keys.tolist(), T.copy.tolist()))}
+        keys = self.keys(L)[want_pos]
+        try:
+            idx = np.array([lookup[kc] for kc in zip(keys.tolist(), want_copy.tolist())], dtype=np.int64)
+        except KeyError:
+            raise AssertionError("internal error: two paired teacher tensors hold different copies of their "
+                                 "channels") from None
+        return None if np.array_equal(idx, np.arange(T.width)) and T.width == T_ref.width else idx
+
     def fanin_scale(self, T: TeacherLayout) -> np.ndarray:
         if self.strategy == "replicate":
             return 1.0 / T.counts()

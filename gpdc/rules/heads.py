@@ -80,3 +80,50 @@ def expand_split_heads(node: fx.Node, ex) -> None:
     ex.tl[node] = TH
     ex.log(node, f"splits {L.width} channels into heads {factors[-2]}->{TH.width} of {factors[-1]}")
 
+
+
+def lane_split(node: fx.Node, L: Layout) -> tuple[int, int] | None:
+    """(head dim, head size d) if the reshape splits heads × head size merged earlier (channels whose runs of
+    d positions are one head channel at sub-positions ``base·d + 0..d-1``) back into two dims (CoaT's
+    convolutional position encoding merges heads into channels, convolves them and splits them again)."""
+    if not np.any(L.sub):
+        return None
+    shape_in, shape_out = list(node.args[0].meta["gpdc.shape"]), list(node.meta["gpdc.shape"])
+    lead, trail = int(np.prod(shape_in[:L.dim])), int(np.prod(shape_in[L.dim + 1:]))
+    for start in range(len(shape_out) - 1):
+        heads, d = shape_out[start], shape_out[start + 1]
+        if (int(np.prod(shape_out[:start])) == lead and heads * d == L.width and d > 1
+                and int(np.prod(shape_out[start + 2:])) == trail and _runs_of_lanes(L, d)):
+            return start, d
+    return None
+
+
+def _runs_of_lanes(L: Layout, d: int) -> bool:
+    ids = np.stack([L.space, L.index]).reshape(2, -1, d)
+    sub = L.sub.reshape(-1, d)
+    return bool((ids == ids[:, :, :1]).all() and (sub == sub[:, :1] + np.arange(d)).all() and (sub[:, 0] % d == 0).all())
+
+
+def unflatten_lanes(node: fx.Node, L: Layout, start: int, d: int, an) -> Layout:
+    an.info[node] = {"kind": "lanes", "start": start, "d": d}
+    first = np.arange(0, L.width, d)
+    return Layout(start, L.space[first], L.index[first], L.sub[first] // d)
+
+
+def expand_unflatten_lanes(node: fx.Node, ex) -> None:
+    """Gather each teacher head's d lanes together, in order, then reshape with the teacher's head count."""
+    info = ex.an.info[node]
+    d, TI = info["d"], ex.tl[node.args[0]]
+    group = TI.keys - TI.sub + TI.sub // d  # the head channel's key at its base sub-position
+    order = {}
+    for i, (g, c) in enumerate(zip(group.tolist(), TI.copy.tolist())):
+        order.setdefault((g, c), []).append(i)
+    idx = np.concatenate([sorted(pos, key=lambda i: TI.sub[i] % d) for pos in order.values()]).astype(np.int64)
+    x = ex.arg(node.args[0])
+    if not np.array_equal(idx, np.arange(TI.width)):
+        x = ex.index_select(node, x, TI.dim, idx)
+    T = TI.take(idx[::d], dim=info["start"], sub=TI.sub[idx[::d]] // d, keys=None)
+    args = (x,) + ex.arg(_teacher_shape(node, info["start"], [T.width, d]))
+    ex.env[node] = ex.graph.create_node(node.op, node.target, args, ex.arg(node.kwargs), node.name)
+    ex.tl[node] = ex.rekey(T)
+    ex.log(node, f"splits merged heads back: {T.width} heads of {d}")

@@ -23,7 +23,7 @@ from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
-from .heads import expand_split_heads, split_factors, split_heads
+from .heads import expand_split_heads, expand_unflatten_lanes, lane_split, split_factors, split_heads, unflatten_lanes
 from .probe import known_value
 from .registry import Rule, find_rule, register_function_rule, register_method_rule, register_module_rule
 from .shapes import is_reshape, patch_shape
@@ -83,6 +83,8 @@ class MoveRule(Rule):
         if any(not isinstance(t, torch.Tensor) for t in parts):
             an.info[node] = {"kind": "value"}
             return None
+        if source_node is src and is_reshape(node) and (lanes := lane_split(node, L)):
+            return unflatten_lanes(node, L, *lanes, an)
         if source_node is src and is_reshape(node) and (split := split_factors(node, L)):
             one_head = split[1][-2] == 1  # looks like an unsqueeze unless attention follows
             if (not one_head or _reaches_attention(node, an)) and \
@@ -125,8 +127,8 @@ class MoveRule(Rule):
             an.info[node] = {"kind": "natural", "repeat": [k[1] for k in kinds], "sub": [k[2] for k in kinds],
                              "merges": [k[3] for k in kinds]}
         else:
-            for lay in lays:
-                if lay.dim != source.dim or np.any(lay.sub != source.sub[0]) and np.any(source.sub):
+            for lay in lays:  # a selection by channel key (sub-positions included) along the source's dim
+                if lay.dim != source.dim:
                     raise RuleError(
                         f"node '{node.name}' rearranges channels together with other dims in a way gpdc cannot "
                         "express as one channel selection; reshape channels and spatial dims in separate steps."
@@ -154,6 +156,8 @@ class MoveRule(Rule):
         kind = info["kind"]
         if kind == "heads":
             expand_split_heads(node, ex)
+        elif kind == "lanes":
+            expand_unflatten_lanes(node, ex)
         elif kind == "item":
             ex.emit_copy(node, ex.tl[node.args[0]][node.args[1]])
         elif kind == "value":
