@@ -1,7 +1,7 @@
 """A deterministic sample of the zoo through the whole compile pipeline (branches on).
 
 Every family of torchvision's classification models and of the timm list (`gpdc.zoo.TIMM`) is
-represented by one or two members (a family is the module that defines the model; the transformer
+represented by one or two members, the long tail (`gpdc.zoo.TIMM_LONG_TAIL`) by one model per mechanism (a family is the module that defines the model; the transformer
 families run the full case matrix in test_transformers.py); ``bench/zoo.py`` sweeps every model. Each torchvision model runs two of the four (ratio,
 strategy) cases and each timm model one, alternating by position so all four are covered, with
 teacher and shared student exact (DESIGN.md §4, norms in eval and in train mode); the folded student
@@ -15,7 +15,7 @@ import torch
 import gpdc
 from gpdc.exactness import check, randomize, reference, set_mode
 from gpdc.export import check_onnx, export_onnx
-from gpdc.zoo import KNOWN_FAILURES, TIMM, build, fold_into_fresh, torchvision_names
+from gpdc.zoo import KNOWN_FAILURES, TIMM, TIMM_LONG_TAIL, build, fold_into_fresh, torchvision_names
 
 # one or two members per family (a family = the torchvision/timm module that defines the model); the
 # transformer families run the full case matrix in test_transformers.py
@@ -30,8 +30,19 @@ TIMM_SAMPLE = [
     "vit_tiny_patch16_224", "pit_ti_224", "resmlp_12_224", "swin_tiny_patch4_window7_224", "levit_128s",
     "efficientvit_b0", "ghostnet_100", "ese_vovnet19b_dw", "selecsls42b",
 ]
+# the long tail (`gpdc.zoo.TIMM_LONG_TAIL`, swept by bench/zoo.py): one model per mechanism it exercises
+LONG_TAIL_SAMPLE = [
+    "rexnet_100",  # a residual add onto the first channels of a wider output (per-channel coupling)
+    "mixnet_s",  # unequal channel splits, concatenated, then a residual add
+    "edgenext_xx_small",  # Res2Net-style splits through depthwise convs, and XCiT attention written inline
+    "pvt_v2_b0",  # inline attention with a single head and a spatially reduced key/value
+    "efficientvit_m0",  # a product over the channels (q^T k on channels-first maps), per-head cascades
+    "mambaout_femto",  # a gate between two slices of one projection
+    "nf_regnet_b0",  # scaled weight standardisation computed functionally: gathered at the student's size
+    "visformer_tiny",  # a head split that also regroups the spatial dims
+]
 IN_TRANSFORMER_TESTS = ["vit_b_16", "swin_t", "maxvit_t", "convnext_tiny"]
-REFS = [f"torchvision:{n}" for n in TORCHVISION_SAMPLE] + [f"timm:{n}" for n in TIMM_SAMPLE]
+REFS = [f"torchvision:{n}" for n in TORCHVISION_SAMPLE] + [f"timm:{n}" for n in TIMM_SAMPLE + LONG_TAIL_SAMPLE]
 CASES = [(2.0, "replicate"), (1.5, "grow"), (2.0, "grow"), (1.5, "replicate")]
 
 
@@ -44,6 +55,21 @@ def family(ref: str) -> str:
     from timm.models import is_model_in_modules, list_modules
 
     return next(m for m in list_modules() if is_model_in_modules(name, [m]))
+
+
+def test_the_timm_lists_span_100_models_of_40_families():
+    refs = [f"timm:{n}" for n in TIMM + TIMM_LONG_TAIL]
+    assert len(set(refs)) == len(refs) >= 100
+    assert len({family(r) for r in refs}) >= 40
+
+
+@pytest.mark.parametrize("ref", sorted(set(KNOWN_FAILURES) - set(REFS)))
+def test_known_failure_fails_cleanly(ref):
+    """Each known failure stops with a gpdc error (exit 2 in the CLI, never a crash), and turns this red the day
+    it starts to pass."""
+    model, s = build(ref)
+    with pytest.raises(gpdc.GpdcError):
+        gpdc.expand(model, {"input_shape": [2, 3, s, s], "expand": {"ratio": 2.0}})
 
 
 def test_every_family_is_sampled():
