@@ -79,8 +79,13 @@ def test_every_family_is_sampled():
     assert not missing, f"zoo families without a test: {missing}"
 
 
+# the slowest samples run with the full suite only (the fast tier stays under 5 minutes)
+SLOW = {"torchvision:vgg11_bn", "timm:selecsls42b", "torchvision:inception_v3", "torchvision:efficientnet_v2_s",
+        "torchvision:alexnet"}
+
+
 @pytest.mark.zoo
-@pytest.mark.parametrize("ref", REFS)
+@pytest.mark.parametrize("ref", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW else r for r in REFS])
 def test_exact_fold_and_onnx(ref, tmp_path):
     if ref in KNOWN_FAILURES:
         with pytest.raises(gpdc.GpdcError):  # a known failure must fail cleanly, and must not start passing unseen
