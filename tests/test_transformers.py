@@ -28,8 +28,9 @@ def assert_exact(model, exp, x, label):
             assert e.ok, f"{label} norm-train={nt} {which}: error {e.error:.3g} > bound {e.bound:.3g}"
 
 
-# the three largest run with the full suite only (the fast tier stays under 5 minutes)
-SLOW = {"torchvision:vit_b_16", "torchvision:maxvit_t", "torchvision:swin_t"}
+# the largest run with the full suite only (the fast tier stays under 5 minutes)
+SLOW = {"torchvision:vit_b_16", "torchvision:maxvit_t", "torchvision:swin_t", "torchvision:convnext_tiny",
+        "timm:vit_small_patch16_224"}
 
 
 @pytest.mark.zoo

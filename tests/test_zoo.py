@@ -81,7 +81,7 @@ def test_every_family_is_sampled():
 
 # the slowest samples run with the full suite only (the fast tier stays under 5 minutes)
 SLOW = {"torchvision:vgg11_bn", "timm:selecsls42b", "torchvision:inception_v3", "torchvision:efficientnet_v2_s",
-        "torchvision:alexnet"}
+        "torchvision:alexnet", "torchvision:swin_v2_t", "timm:dla34", "torchvision:resnext50_32x4d"}
 
 
 @pytest.mark.zoo
