@@ -84,7 +84,7 @@ class TeacherLayout:
     index: np.ndarray
     sub: np.ndarray
     copy: np.ndarray
-    keys: np.ndarray = field(repr=False)  # group-global channel key per position (see ChannelMaps.key)
+    keys: np.ndarray = field(repr=False)  # coupled-channel key per position (gpdc.coupling.Coupling.keys)
 
     @property
     def width(self) -> int:
