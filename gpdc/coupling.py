@@ -95,19 +95,13 @@ class Coupling:
             if sa != sb:  # two channels of one producer (q against k, a gate against its sibling) stay distinct
                 self.channels.union(ca, cb)
             self.blocks.union(ca, cb)
-        for sa, sb in set(zip(a.space.tolist(), b.space.tolist())):
-            if sa != sb:
-                self.graph.add_edge(sa, sb, node=node_name)
-                self.space_sets.union(sa, sb)
+        self._join_spaces(a.space.tolist(), b.space.tolist(), node_name)
 
     def align(self, a: Layout, b: Layout, node_name: str) -> None:
         """The channels at equal positions of ``a`` and ``b`` are distinct but widen alike (same copies)."""
         for ca, cb in set(zip(self.ids(a).tolist(), self.ids(b).tolist())):
             self.blocks.union(ca, cb)
-        for sa, sb in set(zip(a.space.tolist(), b.space.tolist())):
-            if sa != sb:
-                self.graph.add_edge(sa, sb, node=node_name)
-                self.space_sets.union(sa, sb)
+        self._join_spaces(a.space.tolist(), b.space.tolist(), node_name)
 
     def same_multiplicity(self, L: Layout, block: int, node_name: str) -> None:
         """Each run of ``block`` consecutive positions of ``L`` widens as a whole (grouped convs, heads);
@@ -117,7 +111,12 @@ class Coupling:
             run = slice(start, start + block)
             for c in ids[run][1:].tolist():
                 self.blocks.union(int(ids[start]), c)
-            first = int(L.space[start])
-            for s in set(L.space[run].tolist()) - {first}:
-                self.graph.add_edge(first, s, node=node_name)
-                self.space_sets.union(first, s)
+            spaces = L.space[run].tolist()
+            self._join_spaces([spaces[0]] * len(spaces), spaces, node_name)
+
+    def _join_spaces(self, sa: list[int], sb: list[int], node_name: str) -> None:
+        """Spaces ``sa[i]`` and ``sb[i]`` join one group; the coupling graph names the node that joined them."""
+        for a, b in set(zip(sa, sb)):
+            if a != b:
+                self.graph.add_edge(a, b, node=node_name)
+                self.space_sets.union(a, b)

@@ -24,7 +24,7 @@ from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
 from .heads import expand_split_heads, expand_unflatten_lanes, lane_split, split_factors, split_heads, unflatten_lanes
-from .probe import known_value
+from .probe import call_node, known_value
 from .registry import Rule, find_rule, register_function_rule, register_method_rule, register_module_rule
 from .shapes import is_reshape, patch_shape
 
@@ -53,15 +53,7 @@ def _run_on(node: fx.Node, src: fx.Node, tags: torch.Tensor, an):
         raise RuleError(f"node {node_label(node)} moves channels using the tensor '{tensors_unknown[0].name}', whose "
                         "values gpdc does not know (a float or a large tensor used as an index); index with a small "
                         "integer tensor or register a rule for the op.")
-    return _call(node, args, kwargs, an)
-
-
-def _call(node: fx.Node, args, kwargs, an):
-    if node.op == "call_module":
-        return an.module(node)(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+    return call_node(node, an, args, kwargs)
 
 
 class MoveRule(Rule):

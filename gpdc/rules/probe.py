@@ -181,7 +181,8 @@ class _Unfit(Exception):
         self.widened = widened
 
 
-def _call(node: fx.Node, an, args, kwargs):
+def call_node(node: fx.Node, an, args, kwargs):
+    """Run the op of ``node`` on ``args`` (its module, method or function)."""
     if node.op == "call_module":
         return an.module(node)(*args, **kwargs)
     if node.op == "call_method":
@@ -352,7 +353,7 @@ class _Probe:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(self.runs)
-                out = _call(self.node, self.an, fx.node.map_arg(self.node.args, value),
+                out = call_node(self.node, self.an, fx.node.map_arg(self.node.args, value),
                             fx.node.map_arg(self.node.kwargs, value))
         except Exception as e:  # noqa: BLE001 -- the op is the user's; its failure is the finding
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
