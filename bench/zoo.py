@@ -59,7 +59,9 @@ def sweep(ref: str) -> dict:
                 worst = max(worst, e.ratio)
                 rel = max(rel, e.error / max(e.scale, 1e-30))
         row[f"seconds_r{ratio}"] = round(time.perf_counter() - t0, 2)
-    row.update(expand_exact=worst <= 1.0, worst_error_over_bound=worst, max_rel_error=rel)
+    row.update(expand_exact=worst <= 1.0, worst_error_over_bound=worst, max_rel_error=rel,
+               student_width_ops=sorted(exp.student_width), teacher_over_student_params=round(
+                   exp.report()["teacher_params"] / max(exp.report()["student_params"], 1), 2))
     del model  # the largest models need the memory for fold and export
     row["stage"] = "fold"
     t0 = time.perf_counter()
@@ -118,27 +120,35 @@ def save(results: dict) -> None:
 def table(results: dict) -> str:
     from gpdc.zoo import KNOWN_FAILURES
 
-    lines = ["| model | input | expand exact (max rel err) | fold exact | ONNX equal | seconds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | input | expand exact (max rel err) | fold exact | ONNX equal | teacher/student params "
+             "(ops at student width) | seconds |", "|---|---|---|---|---|---|---|"]
     from gpdc.zoo import all_refs
 
     for ref in all_refs():
         r = results.get(ref)
         if r is None:
-            lines.append(f"| {ref} | | not run in the recorded sweep | | | |")
+            lines.append(f"| {ref} | | not run in the recorded sweep | | | | |")
             continue
         if "error" in r:
             reason = KNOWN_FAILURES.get(ref, r["error"]).split(";")[0][:90]
-            lines.append(f"| {ref} | | fails: {reason} | | | |")
+            lines.append(f"| {ref} | | fails: {reason} | | | | |")
             continue
         lines.append(f"| {ref} | {r['input']} | {'yes' if r['expand_exact'] else 'NO'} ({r['max_rel_error']:.1e}) | "
-                     f"{'yes' if r['fold_exact'] else 'NO'} | {'yes' if r['onnx_equal'] else 'NO'} | {r['seconds']:.0f} |")
+                     f"{'yes' if r['fold_exact'] else 'NO'} | {'yes' if r['onnx_equal'] else 'NO'} | "
+                     f"{_widening(r)} | {r['seconds']:.0f} |")
     for source in ("torchvision", "timm"):
         refs = [k for k in all_refs() if k.startswith(source)]
         passed = sum(bool(results.get(k, {}).get("pass")) for k in refs)
         missing = sum(k not in results for k in refs)
         lines.append(f"\n{source}: {passed} of {len(refs)} pass" + (f" ({missing} not run)" if missing else ""))
     return "\n".join(lines)
+
+
+def _widening(row: dict) -> str:
+    """Teacher/student parameters at the last case run (r = 1.5), and the ops the teacher runs unwidened."""
+    ratio = row.get("teacher_over_student_params")
+    ops = row.get("student_width_ops", [])
+    return ("" if ratio is None else f"{ratio:g}") + (f" ({len(ops)})" if ops else "")
 
 
 def update_readme(results: dict) -> None:

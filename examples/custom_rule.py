@@ -62,14 +62,14 @@ def main() -> bool:
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 16, 16)
     spec = {"input_shape": [2, 3, 16, 16], "expand": {"ratio": 1.5}}
-    try:
-        gpdc.expand(model, spec)
-    except gpdc.RuleError as e:
-        print(f"without a rule: {str(e)[:120]}...")
+    exp = gpdc.expand(model, spec)  # exact, but the teacher runs the scale at the student's width
+    print(f"without a rule: 'scale' {exp.report()['student_width_ops']['scale']}; conv2 reads "
+          f"{exp.teacher.conv2.in_channels} channels")
     gpdc.register_module_rule(ChannelScale, ChannelScaleRule())
     ok = True
     for strategy in ("replicate", "grow"):
         exp = gpdc.expand(model, spec | {"expand": {"ratio": 1.5, "strategy": strategy}})
+        assert exp.report()["student_width_ops"] == {} and exp.teacher.conv2.in_channels == 24
         for name, c in check_expansion(exp, x).items():
             print(f"{strategy:9s} {name:13s} max error {c['error']:.2e} (bound {c['bound']:.2e}) "
                   + ("exact" if c["ok"] else "NOT EXACT"))

@@ -158,7 +158,7 @@ class ChannelAnalysis:
                 self.layouts[node] = None  # a namedtuple/dataclass/OrderedDict output: its leaves are pinned one by one
                 continue
             rule = find_rule(node, self)
-            inputs = [a for a in _flatten_layouts(self.layout_of((node.args, node.kwargs))) if a is not None]
+            inputs = [a for a in flatten_layouts(self.layout_of((node.args, node.kwargs))) if a is not None]
             produces_tensor = node.meta.get("gpdc.shape") is not None
             if rule is None or not (inputs or rule.opens_space):
                 if rule is None and inputs and produces_tensor:
@@ -279,13 +279,13 @@ def source_line(node: fx.Node) -> str:
     return ""
 
 
-def _flatten_layouts(v):
+def flatten_layouts(v):
     if isinstance(v, (list, tuple)):
         for x in v:
-            yield from _flatten_layouts(x)
+            yield from flatten_layouts(x)
     elif isinstance(v, dict):
         for x in v.values():
-            yield from _flatten_layouts(x)
+            yield from flatten_layouts(x)
     else:
         yield v
 

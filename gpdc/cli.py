@@ -375,6 +375,12 @@ def _print_report(report: dict) -> None:
                   + (", ..." if len(special) > 4 else "") + ")", highlight=False, markup=False)
     for note in report.get("notes", []):
         out.print(f"note: {note}", highlight=False, markup=False)
+    unwidened = report.get("student_width_ops", {})
+    if unwidened:
+        shown = "; ".join(f"'{name}': {why}" for name, why in list(unwidened.items())[:3])
+        out.print(f"note: the teacher runs {len(unwidened)} op(s) at the student's width, exactly but not widened "
+                  f"({shown}" + ("; ..." if len(unwidened) > 3 else "") + "); --explain lists them", highlight=False,
+                  markup=False)
     for k, c in report.get("exactness", report.get("ir", {})).items():
         status = "[green]exact[/]" if c["ok"] else "[red]NOT EXACT[/]"
         out.print(f"{k:15s} max error {c['error']:.2e} (bound {c['bound']:.2e}) {status}")

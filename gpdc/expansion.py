@@ -19,6 +19,7 @@ from .outputs import LeafPath, OutputMap, map_leaves
 from .param_map import ParamMap
 from .pass_manager import run_passes
 from .plan import ExpansionPlan, plan_expansion
+from .rules.student_width import StudentWidth
 from .errors import InternalError, SpecError
 from .spec import Spec, load_spec
 from .student import SharedStudent
@@ -40,6 +41,7 @@ class Expansion:
     output_maps: dict[LeafPath, OutputMap] = field(default_factory=dict)  # the widened (freed) output leaves
     output_leaves: list[LeafPath] = field(default_factory=list)  # output leaves that carry channels
     log: list[str] = field(default_factory=list)
+    student_width: dict[str, str] = field(default_factory=dict)  # node -> why the teacher runs it unwidened
 
     def student_view(self, teacher_output):
         """The teacher's output with every widened leaf read back to the student's channels (equal to the
@@ -54,6 +56,7 @@ class Expansion:
             "specialised_to_input": [  # Python values taken from the example input's shape or forward's defaults
                 s | {"value": s["value"] if isinstance(s["value"], (bool, int, float, str, type(None))) else repr(s["value"])}
                 for s in self.original.meta.get("gpdc.specialised", [])],
+            "student_width_ops": self.student_width,
             "student_params": sum(p.numel() for p in self.original.parameters()),
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()),
         }
@@ -115,7 +118,8 @@ def expand(
     shared = SharedStudent(student, teacher, param_map)
     log = [f"[{p.name}] {line}" for p, r in zip(pipeline, results) for line in r.log]
     return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan,
-                     results[0].artifacts["output_maps"], [*analysis.pinned_outputs, *analysis.free_outputs], log)
+                     results[0].artifacts["output_maps"], [*analysis.pinned_outputs, *analysis.free_outputs], log,
+                     {n.name: f.reason for n, f in analysis.info.items() if isinstance(f, StudentWidth)})
 
 
 def _check_free_outputs(patterns: list[str], an: ChannelAnalysis) -> None:

@@ -232,5 +232,6 @@ def test_gpdc_rules_json_parses_and_import_registers_nothing_twice():
 def test_custom_rule_example_runs_and_is_exact():
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_rule.py")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "without a rule: no channel rule for node 'scale'" in r.stdout
+    assert ("without a rule: 'scale' module of type ChannelScale has parameters and no channel rule; conv2 reads 16 "
+            "channels") in r.stdout, r.stdout
     assert r.stdout.count(" exact") == 8 and "NOT EXACT" not in r.stdout, r.stdout

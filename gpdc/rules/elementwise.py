@@ -121,7 +121,8 @@ class BinaryRule(Rule):
     def expand(self, node: fx.Node, ex) -> None:
         info = ex.an.info[node]
         first, gathers, paired = info["out"], info["gathers"], info["paired"]
-        TO = ex.tl.get(info["ref"]) if info["ref"] is not None else None
+        ref = info["ref"]
+        TO = None if ref is None else ex.tin(ref, paired[ref])  # an unwidened (pinned) reference: its own layout
         new_args = []
         for a in node.args:
             na = ex.arg(a)

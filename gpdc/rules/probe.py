@@ -12,9 +12,10 @@ inputs that carry channels are coupled like ``BinaryRule`` couples them.
 An output may also hold ``k`` entries per channel along its channel dim (``F.unfold``: channel-major blocks;
 ``x.repeat``: block-major): its layout then gives each entry a sub-position.
 
-An op that fails the probe (it mixes, sorts, reduces or reads across channels, is random, or cannot run on
-probe tensors) is refused with what the probe found. Verdicts are cached per op, non-tensor arguments and
-input signature, so repeated nodes are probed once; ``PROBED.accepted`` names the ops accepted by probing.
+An op that fails the probe (it mixes, sorts, reduces or reads across channels, or cannot run on probe tensors)
+runs at the student's width with what the probe found as the reason (``gpdc.rules.student_width``); a random op
+is refused, since no teacher can match it. Verdicts are cached per op, non-tensor arguments and input
+signature, so repeated nodes are probed once.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..analyze import node_label, source_line
+from ..analyze import flatten_layouts, node_label, source_line
 from ..errors import RuleError
 from ..layout import Layout, TeacherLayout
 from .params import follow
 from .registry import Rule
+from .student_width import StudentWidth, expand_at_student_width, run_at_student_width
 
 SHRINK = 3  # probe tensors keep the channel dim and at most this many entries along every other dim
 KEEP_VALUES = 1 << 16  # example values of integer and bool tensors up to this size are kept (indices, masks)
@@ -292,6 +294,15 @@ _MOVED = ("its output changes shape in other ways than along one channel dim whe
 _FAILS = "it fails on probe tensors"
 _WIDENED = ("with more channels", "with fresh channels")  # the probe runs that widen the channel dim
 _RANDOM = "it returns different results for the same input: it is random, so the teacher cannot match the student"
+
+
+@dataclass(frozen=True)
+class _Mixing:
+    """The finding for an op that runs but does not act on each channel alike, with where its outputs carry the
+    channel dim (``_spec``)."""
+
+    finding: str
+    specs: tuple
 _REDUCES = ("one of its outputs has no channel dim but depends on the channels: it reduces over the channel dim "
             "(like a sum, maximum or norm over channels)")
 _FINDINGS = (
@@ -410,7 +421,7 @@ class _Probe:
                     pos = _positions(spec, kept, len(index))
                     g, want = g.index_select(spec[1], pos), want.index_select(spec[1], pos)
                 if not _same(g, want):
-                    return _REDUCES if spec is None else finding
+                    return _Mixing(_REDUCES if spec is None else finding, specs)
         return specs
 
 
@@ -438,16 +449,22 @@ def _describe(node: fx.Node, an) -> tuple[str, str, str]:
 
 
 def _refusal(node: fx.Node, an, finding: str) -> str:
-    """One paragraph: the op, the node, what the probe found, the source line and the fix. When the probe could
-    not run the op, the op may still act on each channel alike: then one registration call is enough."""
-    what, how, name = _describe(node, an)
+    """One paragraph: the op, the node, what the probe found, the source line and the fix."""
+    what, how, _ = _describe(node, an)
     line = f" Source: {source_line(node)}." if source_line(node) else ""
-    alike = (f"; if it does act on each channel alike, gpdc.register_elementwise({name}) is enough"
-             if finding.startswith(_FAILS) else "")
     return (f"no channel rule for node {node_label(node)}: {what} receives widened channels, and probing it on random "
             f"tensors shows that {finding}; a wider teacher running it would not compute what the student computes."
             f"{line} Register a channel rule for it with {how} (a gpdc.rules.Rule; the rules in gpdc/rules/ are "
-            f"examples){alike}.")
+            f"examples).")
+
+
+def _student_width_reason(node: fx.Node, an, finding: str) -> str:
+    """Why an op runs at the student's width, and how to widen it instead. When the probe could not run the op,
+    it may still act on each channel alike: then one registration call is enough."""
+    what, how, name = _describe(node, an)
+    fix = (f"gpdc.register_elementwise({name}) if it acts on each channel alike, else {how}"
+           if finding.startswith(_FAILS) else how)
+    return f"probing {what} shows that {finding} (to widen it, register a channel rule: {fix})"
 
 
 def _op_key(node: fx.Node, an):
@@ -522,21 +539,30 @@ class ProbedRule(Rule):
     """The rule ``find_rule`` falls back to for ops without one (see the module docs)."""
 
     def __init__(self):
-        self.verdicts: dict = {}  # cache key -> per-output specs, or the finding that refused the op
-        self.accepted: set[str] = set()  # names of the ops accepted by probing, for reports
+        self.verdicts: dict = {}  # cache key -> per-output specs, or what the probe found instead
 
     def analyze(self, node: fx.Node, an):
         field = _field(node, an)
         if field is not None:
             an.info[node] = {"field": field}
             return an.layout_of(node.args[0])[field]
+        widths = {lay.width for lay in flatten_layouts(an.layout_of((node.args, node.kwargs)))
+                  if isinstance(lay, Layout) and lay.width > 1}
+        if len(widths) > 1:
+            return run_at_student_width(node, an, f"{_describe(node, an)[0]} combines tensors with different channel "
+                                                  f"counts ({', '.join(map(str, sorted(widths)))})")
         ref, leaves = _roles(node, an, _leaves(node, an))
         specs = self._verdict(node, an, leaves, ref.layout.width)
-        if isinstance(specs, str):
+        if specs == _RANDOM:
             raise RuleError(_refusal(node, an, specs))
+        if not isinstance(specs, tuple):
+            finding = specs if isinstance(specs, str) else specs.finding
+            reason = _student_width_reason(node, an, finding)
+            spec = specs.specs[0] if isinstance(specs, _Mixing) and len(specs.specs) == 1 else None
+            keeps = spec is not None and spec[0] == "dim" and ref.path == () and _is_shape(node.meta["gpdc.shape"])
+            return run_at_student_width(node, an, reason, *((ref.node, spec[1]) if keeps else ()))
         gathers = _couple(node, an, leaves, ref)
         op = _describe(node, an)[0]
-        self.accepted.add(op)
         an.info[node] = {"ref": ref, "leaves": leaves, "gathers": gathers, "specs": specs, "op": op}
         return _restructure(node.meta["gpdc.shape"], (_student_out(ref.layout, s) for s in specs))
 
@@ -550,6 +576,9 @@ class ProbedRule(Rule):
 
     def expand(self, node: fx.Node, ex) -> None:
         info = ex.an.info[node]
+        if isinstance(info, StudentWidth):
+            expand_at_student_width(node, ex)
+            return
         if "field" in info:
             ex.emit_copy(node, ex.tl[node.args[0]][info["field"]])
             return

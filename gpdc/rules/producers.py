@@ -53,6 +53,7 @@ class DenseRule(Rule):
     """Conv (any groups) and Linear: open a new channel space for the output."""
 
     opens_space = True
+    out_dim = 0  # the weight's output-channel dim ([C_out, C_in / groups, k...])
 
     def analyze(self, node: fx.Node, an):
         m = an.module(node)
@@ -101,7 +102,8 @@ class DenseRule(Rule):
             Lout = info["out"]
             TO = ex.canonical(Lout)
             cols = ex.student_pos(L, TI)
-            w = dense_weight(ex, m.weight, TO.index, TO, cols, ex.fanin_scale(TI))
+            o, i = self.out_dim, 1 - self.out_dim
+            w = dense_weight(ex, m.weight.transpose(0, o), TO.index, TO, cols, ex.fanin_scale(TI)).transpose(0, o)
             params = {"weight": w}
             if has_bias:
                 params["bias"] = dense_bias(ex, m.bias, TO.index, TO.copy)
@@ -111,11 +113,10 @@ class DenseRule(Rule):
             rows = TO.positions_of(ex.keys(Lout))
             in_pos = TI.positions_of(ex.keys(L))
             colscale = ex.fanin_scale(TI)[in_pos]
-            ex.share(node.target, "weight", index={0: rows, 1: in_pos}, scale={1: 1.0 / colscale})
+            ex.share(node.target, "weight", index={o: rows, i: in_pos}, scale={i: 1.0 / colscale})
             if has_bias:
                 ex.share(node.target, "bias", index={0: rows})
-            ex.log(node, f"{kind}: {m.weight.shape[1] * m.groups if not isinstance(m, nn.Linear) else m.in_features}"
-                   f"->{TI.width} in, {Lout.width}->{TO.width} out")
+            ex.log(node, f"{kind}: {L.width}->{TI.width} in, {Lout.width}->{TO.width} out")
             return
         if kind == "depthwise":
             TO = ex.aligned_teacher(L, TI, info["out"])
@@ -162,6 +163,24 @@ class DenseRule(Rule):
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
     register_module_rule(_cls, DenseRule())
+
+
+class TransposedConvRule(DenseRule):
+    """ConvTranspose (decoders, upsampling heads): its weight is [C_in, C_out / groups, k...], so the dense
+    rewrite reads rows and columns from the other dims; a depthwise one ([C, 1, k...]) is a depthwise conv's."""
+
+    out_dim = 1
+
+    def analyze(self, node: fx.Node, an):
+        out = super().analyze(node, an)
+        if an.info[node]["kind"] == "grouped":
+            raise RuleError(f"grouped transposed conv '{node.target}' is not supported (dense or depthwise only); keep "
+                            "the layers around it at ratio 1 with expand.layers.")
+        return out
+
+
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_module_rule(_cls, TransposedConvRule())
 class StdConvRule(DenseRule):
     """Weight-standardised convs (timm ``StdConv2d``): the teacher copies the raw weights unscaled and
     standardises each row with statistics that count every student input channel once, then applies

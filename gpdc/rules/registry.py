@@ -10,8 +10,8 @@ A rule tells the compiler how one op treats the channel dimension:
 Users register rules for their own modules and functions; registration validates the rule, and
 replacing a target's rule by a different one warns (a silent override would change how every model
 using the op is widened). ``scoped()`` undoes the registrations made inside it. A node whose inputs
-carry widened channels but which has no rule is probed (``gpdc.rules.probe``): accepted if it acts on
-each channel alike, else an error; never a silent skip.
+carry widened channels but which has no rule is probed (``gpdc.rules.probe``): followed if it acts on
+each channel alike, else run at the student's width (``gpdc.rules.student_width``); never a silent skip.
 """
 
 from __future__ import annotations
@@ -82,14 +82,19 @@ def register_method_rule(name: str, rule: Rule) -> None:
 
 def find_rule(node: fx.Node, an) -> Rule | None:
     """The registered rule of ``node``; for an op without one that produces tensors (a function, a method,
-    or a module without parameters and buffers), the rule that probes it (``gpdc.rules.probe``)."""
+    or a module without parameters and buffers), the rule that probes it (``gpdc.rules.probe``), and for a leaf
+    module with parameters, the rule that runs it at the student's width (``gpdc.rules.student_width``)."""
     if node.op == "call_module":
         m = an.module(node)
         for cls in type(m).__mro__:
             if cls in _MODULE_RULES:
                 return _MODULE_RULES[cls]
         stateless = next(m.parameters(), None) is None and next(m.buffers(), None) is None
-        return _probed(node) if stateless else None
+        if stateless:
+            return _probed(node)
+        from .student_width import STUDENT_WIDTH  # noqa: PLC0415 (builds on this registry)
+
+        return STUDENT_WIDTH
     if node.op == "call_function":
         return _FUNCTION_RULES.get(node.target) or _probed(node)
     if node.op == "call_method":

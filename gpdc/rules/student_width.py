@@ -1,0 +1,103 @@
+"""Ops the teacher runs at the student's width: exact for any op, at the price of not widening it.
+
+Some ops cannot run on the teacher's wider tensors and stay exact: one that mixes or reduces the channels (a
+softmax or an L2 norm over channels, ``amax`` over channels, a sort), one that hard-codes the channel count, or a
+leaf module with parameters that no rule knows (``nn.LSTM``, ``nn.GRU``, a user's leaf module). The teacher gathers
+the first copy of every student channel from each input (under both strategies the student's own channel: METHOD.md
+§2), runs the op unchanged (a module shares its parameters with the student) and then either
+
+* copies the result back into the teacher layout of its input, when the probe found that the output keeps the
+  input's channel dim (``F.normalize(x, dim=1)``, a softmax over channels): what follows widens as before; or
+* leaves its outputs unwidened, like a model input: layers reading them start at the student's width, and a tensor
+  that meets them channel for channel keeps its width (it is pinned).
+
+Both are exact at any ratio and strategy. ``--explain`` and ``report.json`` (``student_width_ops``) name each such
+op and why, so a user sees where the teacher does not widen and can register a rule that does.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch.fx as fx
+
+from ..errors import RuleError
+from ..layout import Layout, TeacherLayout
+from .registry import Rule
+
+
+@dataclass(frozen=True)
+class StudentWidth:
+    """Analysis facts of an op run at the student's width: why, and (for an output that keeps the channel dim
+    of input ``ref``) the output's channel dim."""
+
+    reason: str
+    ref: fx.Node | None = None
+    dim: int | None = None
+
+
+def run_at_student_width(node: fx.Node, an, reason: str, ref: fx.Node | None = None, dim: int | None = None):
+    """Record that ``node`` runs at the student's width; its output layout: the input ``ref``'s channels along
+    ``dim``, or None (unwidened)."""
+    for a in node.all_input_nodes:
+        if an.layout_of(a) is not None and not isinstance(an.layout_of(a), Layout):
+            raise RuleError(f"node '{node.name}' ({reason}) would run at the student's width, but it receives a tensor "
+                            "whose channel dim is split across dims or a tuple of tensors that carry channels; gpdc "
+                            "cannot gather those back to the student's channels.")
+    an.info[node] = StudentWidth(reason, ref, dim)
+    return None if ref is None else an.layout_of(ref).with_dim(dim)
+
+
+def first_copies(ex, L: Layout, T: TeacherLayout) -> np.ndarray:
+    """Teacher positions holding the first copy of each student position's channel: gathering them gives the
+    student's tensor."""
+    pos = ex.student_pos(L, T)
+    first = np.flatnonzero(T.copy == 0)
+    idx = np.full(L.width, -1, np.int64)
+    idx[pos[first]] = first
+    if (idx < 0).any():
+        raise AssertionError("internal error: a teacher tensor lacks the first copy of a student channel")
+    return idx
+
+
+def expand_at_student_width(node: fx.Node, ex) -> None:
+    facts: StudentWidth = ex.an.info[node]
+
+    def student_input(a: fx.Node):
+        new, T = ex.env[a], ex.tl.get(a)
+        if T is None:
+            return new
+        idx = first_copies(ex, ex.an.layout_of(a), T)
+        return new if np.array_equal(idx, np.arange(T.width)) else ex.index_select(node, new, T.dim, idx)
+
+    args = fx.node.map_arg(node.args, student_input)
+    kwargs = fx.node.map_arg(node.kwargs, student_input)
+    if node.op == "call_module":
+        m = ex.an.module(node)
+        ex.modules[node.target] = copy.deepcopy(m)
+        ex.share_unchanged(node.target, m)
+    out = ex.graph.create_node(node.op, node.target, args, kwargs, node.name)
+    if facts.ref is None:
+        ex.env[node], ex.tl[node] = out, None
+        ex.log(node, f"runs at the student's width, its output unwidened: {facts.reason}")
+        return
+    T = ex.tl[facts.ref]
+    ex.env[node] = ex.index_select(node, out, facts.dim, ex.student_pos(ex.an.layout_of(facts.ref), T))
+    ex.tl[node] = T.take(np.arange(T.width), dim=facts.dim)
+    ex.log(node, f"runs at the student's width, its output copied to the teacher's {T.width} channels: {facts.reason}")
+
+
+class StudentWidthRule(Rule):
+    """A leaf module with parameters and no channel rule (``nn.LSTM``, a user's module): run unwidened."""
+
+    def analyze(self, node: fx.Node, an):
+        return run_at_student_width(node, an, f"module of type {type(an.module(node)).__name__} has parameters and "
+                                              "no channel rule")
+
+    def expand(self, node: fx.Node, ex) -> None:
+        expand_at_student_width(node, ex)
+
+
+STUDENT_WIDTH = StudentWidthRule()
