@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 import torch.fx as fx
 
-from .errors import CouplingError, GpdcError, InternalError, RuleError
+from .errors import CouplingError, GpdcError, InternalError, RuleError, UnmatchableError
 from .coupling import Coupling
 from .layout import Layout, SplitLayout
 from .outputs import LeafPath, graph_leaves, is_structure_node
@@ -66,18 +66,28 @@ def node_label(node: fx.Node) -> str:
 class ChannelAnalysis:
     """Layouts of every node's output and the coupled channel groups of the student graph."""
 
-    def __init__(self, gm: fx.GraphModule, free_outputs: list[str] = ()):
+    def __init__(self, gm: fx.GraphModule, free_outputs: list[str] = (), unwidenable: str = "student_width"):
         self.gm = gm
         self.free_patterns = list(free_outputs)
+        self.unwidenable = unwidenable  # expand.unwidenable: run such ops at the student's width, or stop
+        self.modules = dict(gm.named_modules())
+        self.at_student_width: dict[fx.Node, str] = {}  # reshapes whose split channels no consumer can take
+        for _ in range(len(gm.graph.nodes)):
+            self._reset()
+            try:
+                self._run()
+                return
+            except _SplitUnfollowed as e:  # run again with the reshape that split the channels unwidened
+                self.at_student_width[e.origin] = e.reason
+
+    def _reset(self) -> None:
         self.free_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that widen (expand.free_outputs)
         self.pinned_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that carry channels and stay put
-        self.modules = dict(gm.named_modules())
         self.coupling = Coupling()
         self.layouts: dict[fx.Node, object] = {}
         self.info: dict[fx.Node, object] = {}  # rule-specific facts the expand pass reuses
         self.rules: dict[fx.Node, object] = {}
         self._input_dependent: dict[fx.Node, bool] = {}
-        self._run()
 
     # -- spaces and coupling (gpdc.coupling) -------------------------------------------------
     @property
@@ -167,9 +177,41 @@ class ChannelAnalysis:
                 continue
             self.rules[node] = rule
             with rule_errors("analyze", node, rule):
-                self.layouts[node] = rule.analyze(node, self)
+                self.layouts[node] = self._analyze(node, rule)
         self._check_splits_consumed()
         self._check_channels_distinct()
+
+    def _analyze(self, node: fx.Node, rule):
+        """The layout the rule gives the node's output. An op its rule cannot widen (channels moved into the batch
+        dim, a split it cannot follow) runs at the student's width instead, with the rule's finding as the reason
+        (``gpdc.rules.student_width``): exact, and reported."""
+        from .rules.student_width import STUDENT_WIDTH, gatherable, run_at_student_width  # noqa: PLC0415 (rules build on this)
+
+        if node in self.at_student_width:
+            self.rules[node] = STUDENT_WIDTH
+            return run_at_student_width(node, self, self.at_student_width[node])
+        try:
+            return rule.analyze(node, self)
+        except (RuleError, CouplingError) as e:
+            if isinstance(e, UnmatchableError) or self.unwidenable == "error":
+                raise
+            if not gatherable(node, self):
+                self._unsplit(node, str(e))
+                raise
+            self.rules[node] = STUDENT_WIDTH
+            return run_at_student_width(node, self, f"{type(rule).__name__} cannot widen it ({e})")
+
+    def _unsplit(self, consumer: fx.Node, why: str) -> None:
+        """A consumer that cannot take a channel dim split across dims: if the reshape that split it can run at
+        the student's width instead, start the analysis again with it there."""
+        node = next((a for a in consumer.all_input_nodes if isinstance(self.layouts.get(a), SplitLayout)), None)
+        if node is None:
+            return
+        while (up := next((a for a in node.all_input_nodes if isinstance(self.layouts.get(a), SplitLayout)), None)):
+            node = up
+        if node not in self.at_student_width:
+            raise _SplitUnfollowed(node, f"it splits the channel dim across dims, and {node_label(consumer)} cannot "
+                                         f"take that ({why})")
 
     def _pin_outputs(self, node: fx.Node) -> None:
         """Output leaves keep their width unless ``expand.free_outputs`` frees them."""
@@ -193,6 +235,8 @@ class ChannelAnalysis:
             if isinstance(lay, SplitLayout):
                 for user in node.users:
                     if not getattr(self.rules.get(user), "accepts_split", False):
+                        if self.unwidenable != "error":
+                            self._unsplit(user, "it is consumed before the channels are merged back")
                         raise RuleError(
                             f"node {node_label(node)} spreads the channel dim over several dims "
                             f"(a reshape such as a channel shuffle) and {node_label(user)} consumes it before it is "
@@ -253,12 +297,20 @@ class ChannelAnalysis:
         return [g.edges[u, v]["node"] for u, v in zip(path, path[1:])]
 
 
+class _SplitUnfollowed(Exception):
+    """The analysis must run again with ``origin`` (a reshape splitting the channel dim) at the student's width."""
+
+    def __init__(self, origin: fx.Node, reason: str):
+        super().__init__(reason)
+        self.origin, self.reason = origin, reason
+
+
 @contextmanager
 def rule_errors(stage: str, node: fx.Node, rule) -> Iterator[None]:
     """Turn an unexpected exception inside a rule into a gpdc error naming the stage, node and rule."""
     try:
         yield
-    except GpdcError:
+    except (GpdcError, _SplitUnfollowed):
         raise
     except Exception as e:
         src = f" ({source_line(node)})" if source_line(node) else ""

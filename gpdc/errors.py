@@ -24,6 +24,10 @@ class RuleError(GpdcError):
     """A graph node has no channel rule, or its rule cannot handle it."""
 
 
+class UnmatchableError(RuleError):
+    """An op no teacher can match, at any width (a random op): never run at the student's width instead."""
+
+
 class CouplingError(GpdcError):
     """Two coupled channel spaces cannot be widened consistently."""
 

@@ -106,7 +106,7 @@ def expand(
 
     spec = load_spec(spec)
     student = trace(model, spec.input_shape, leaf_modules, leaf_functions)
-    analysis = ChannelAnalysis(student, spec.expand.free_outputs)
+    analysis = ChannelAnalysis(student, spec.expand.free_outputs, spec.expand.unwidenable)
     _check_free_outputs(spec.expand.free_outputs, analysis)
     plan = plan_expansion(analysis, spec)
     param_map = ParamMap()

@@ -47,6 +47,13 @@ class ExpandSpec(BaseModel):
         description="Per-layer ratio overrides. Keys are exact module names (e.g. 'layer4.1.conv2') "
         "or glob patterns (e.g. 'layer4.*'); values are ratios >= 1 (1 keeps that group's width).",
     )
+    unwidenable: Literal["student_width", "error"] = Field(
+        "student_width",
+        description="An op no rule can widen (it mixes or reduces channels, moves them into the batch dim, or is a "
+        "leaf module with parameters and no rule): 'student_width' runs it at the student's width in the teacher "
+        "(exact; reported as student_width_ops), 'error' stops with what was found (to insist on a fully widened "
+        "teacher).",
+    )
     free_outputs: list[str] = Field(
         default_factory=list,
         description="Output leaves that may widen (feature outputs for distillation), as globs over their dotted "

@@ -25,6 +25,7 @@ from gpdc.outputs import OutputMap
 from gpdc.param_map import ParamMap
 from gpdc.pass_manager import Pass, PassResult
 from gpdc.plan import ExpansionPlan
+from gpdc.rules.student_width import StudentInputs
 
 
 def select_channels(x: torch.Tensor, dim: int, *indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -107,7 +108,12 @@ class _Expander:
             self.attrs[node.target] = _copy.deepcopy(t)
             if isinstance(t, nn.Parameter) and node.target not in self.param_map.sources:  # a rule may map it
                 self.param_map.add(node.target, node.target)
-        self.env[node] = self.graph.node_copy(node, self.arg_lookup)
+        student = StudentInputs(node, self)  # an op on unwidened tensors reads the student's sizes
+        if node.meta.get("gpdc.shape") is not None and any(student.reads_widened_size(a) for a in node.all_input_nodes):
+            self.env[node] = self.graph.create_node(node.op, node.target, fx.node.map_arg(node.args, student),
+                                                    fx.node.map_arg(node.kwargs, student), node.name)
+        else:
+            self.env[node] = self.graph.node_copy(node, self.arg_lookup)
         self.tl[node] = None
 
     # -- helpers the rules use --------------------------------------------------------------

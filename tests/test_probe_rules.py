@@ -433,9 +433,13 @@ class DynamicWeight(nn.Module):
         return self.fc(F.conv2d(h, self.base * torch.sigmoid(h.mean())).mean((2, 3)))
 
 
-def test_input_dependent_functional_weight_is_refused():
+def test_input_dependent_functional_weight_runs_at_the_student_width():
+    exp = expand(randomize(DynamicWeight().eval()), 2.0)
+    assert all(c["ok"] for c in check_expansion(exp, torch.randn(2, 3, SIZE, SIZE)).values())
+    (name, why), = exp.report()["student_width_ops"].items()
+    assert name == "conv2d" and "depends on the model's input" in why, why
     with pytest.raises(gpdc.RuleError) as e:
-        expand(DynamicWeight())
+        gpdc.expand(DynamicWeight(), {"input_shape": [2, 3, SIZE, SIZE], "expand": {"unwidenable": "error"}})
     msg = str(e.value)
     assert "Source:" in msg and "register_function_rule" in msg and "\n" not in msg, msg
     assert "depends on the model's input" in msg, msg

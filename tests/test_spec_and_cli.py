@@ -23,7 +23,7 @@ def test_schema_lists_every_field_with_a_description():
     assert r.returncode == 0
     schema = json.loads(r.stdout)
     expand = schema["$defs"]["ExpandSpec"]["properties"]
-    assert set(expand) == {"ratio", "strategy", "layers", "free_outputs"}
+    assert set(expand) == {"ratio", "strategy", "layers", "unwidenable", "free_outputs"}
     assert all(p.get("description") for p in expand.values())
 
 
@@ -158,8 +158,10 @@ class CumsumNet(nn.Module):
 
 
 def test_op_without_rule_names_the_node_and_the_registry():
-    with pytest.raises(gpdc.RuleError) as e:
-        gpdc.expand(CumsumNet(), {"input_shape": [1, 3, 8, 8]})
+    exp = gpdc.expand(CumsumNet(), {"input_shape": [1, 3, 8, 8]})
+    assert "register_function_rule(torch.cumsum" in exp.report()["student_width_ops"]["cumsum"]
+    with pytest.raises(gpdc.RuleError) as e:  # expand.unwidenable: error insists on a fully widened teacher
+        gpdc.expand(CumsumNet(), {"input_shape": [1, 3, 8, 8], "expand": {"unwidenable": "error"}})
     msg = str(e.value)
     assert "'cumsum'" in msg and "register_function_rule" in msg and "torch.cumsum(self.conv(x), 1)" in msg
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpdc
-from gpdc.exactness import check, randomize, reference, set_mode
+from gpdc.exactness import check, check_expansion, randomize, reference, set_mode
 from gpdc.export import check_onnx, export_onnx
 from gpdc.models import load_state_dict_strict
 from gpdc.zoo import build, fold_into_fresh
@@ -105,7 +105,7 @@ def test_norms_and_attention_at_any_ratio(ratio, strategy):
         assert torch.allclose(set_mode(exp.student, False)(x), fresh.eval()(x), atol=1e-6)
 
 
-def test_attention_weights_output_is_refused():
+def test_attention_returning_its_weights_runs_at_the_student_width():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -117,8 +117,13 @@ def test_attention_weights_output_is_refused():
             out, w = self.attn(t, t, t)
             return out.sum(-1) + w.sum(-1)
 
+    model = randomize(M().eval())
+    exp = gpdc.expand(model, {"input_shape": [2, 4, 8], "expand": {"ratio": 2.0}})
+    assert "need_weights=False" in exp.report()["student_width_ops"]["attn"]
+    assert exp.teacher.get_submodule("proj").out_features == 16 and exp.teacher.get_submodule("attn").embed_dim == 8
+    assert all(c["ok"] for c in check_expansion(exp, torch.randn(2, 4, 8)).values())
     with pytest.raises(gpdc.RuleError, match="need_weights=False"):
-        gpdc.expand(M(), {"input_shape": [2, 4, 8], "expand": {"ratio": 2.0}})
+        gpdc.expand(model, {"input_shape": [2, 4, 8], "expand": {"ratio": 2.0, "unwidenable": "error"}})
 
 
 @pytest.mark.parametrize("spec_file,ref", [("specs/deit_tiny.yaml", "timm:deit_tiny_patch16_224"),

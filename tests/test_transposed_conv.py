@@ -54,6 +54,8 @@ def test_decoder_with_transposed_convs_widens_exactly(groups, ratio, strategy, t
     assert check_onnx(path, folded, x).ok
 
 
-def test_grouped_transposed_conv_is_refused_with_the_fix():
-    with pytest.raises(gpdc.RuleError, match="grouped transposed conv 'refine' is not supported.*expand.layers"):
-        expand(Decoder(groups=2), 2.0, "replicate")
+def test_grouped_transposed_conv_runs_at_the_student_width():
+    exp = expand(Decoder(groups=2), 2.0, "replicate")
+    assert "grouped transposed conv 'refine' is not supported" in exp.report()["student_width_ops"]["refine"]
+    assert all(c["ok"] for c in check_expansion(exp, torch.randn(2, 3, 8, 8)).values())
+    assert exp.teacher.get_submodule("refine").in_channels == 6

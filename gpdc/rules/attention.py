@@ -109,6 +109,9 @@ class AttentionRule(Rule):
             raise RuleError(f"attention {node_label(node)} expects its widened channels in the last dim.")
         self.check(node, an)
         d = self.head_dim(m)
+        if L.width % d:
+            raise RuleError(f"attention {node_label(node)} has {L.width} input channels, not a whole number of heads of "
+                            f"size {d}; its rule widens heads with the input channels.")
         an.set_quantum(L, d, node)
         cout = self.out_features(m)
         out = Layout.of_space(nd - 1, an.new_space(cout, node), cout)

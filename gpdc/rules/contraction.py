@@ -79,6 +79,8 @@ class MatmulRule(Rule):
         if len(dims) > 1 or (len(kept) == 2 and dims.pop() >= out_nd - 2):
             raise RuleError(f"node {node_label(node)} multiplies two tensors that carry channels in different dims; "
                             "gpdc follows products over the channels of both or batched over the channels.")
+        if len(kept) == 1:
+            kept += _unwidened_partner(node, an, *kept[0], out_nd)
         if len(kept) == 2:
             an.couple(kept[0][1], kept[1][1], node)
         an.info[node] = {"kept": kept}
@@ -109,12 +111,26 @@ class MatmulRule(Rule):
         (ref, L_ref), *rest = kept
         T_ref = ex.tl[ref]
         args = list(ex.arg(node.args))
-        for x, L in rest:  # the other operand's channels lined up with the first's
-            if (idx := ex.pair(L_ref, T_ref, L, ex.tl[x])) is not None:
+        for x, L in rest:  # the other operand's channels lined up with the first's (an unwidened one: pinned alike)
+            if ex.tl.get(x) is not None and (idx := ex.pair(L_ref, T_ref, L, ex.tl[x])) is not None:
                 i = list(node.args).index(x)
                 args[i] = ex.index_select(node, args[i], ex.tl[x].dim, idx)
         ex.env[node] = ex.graph.create_node(node.op, node.target, tuple(args), ex.arg(node.kwargs), node.name)
         ex.tl[node] = T_ref.take(slice(None), dim=L_ref.dim)
+
+
+def _unwidened_partner(node: fx.Node, an, x: fx.Node, L: Layout, out_nd: int) -> list:
+    """The other operand of a product batched over channels (heads) when it carries no widened channels but has
+    them in the same batch dim, not broadcast: it meets them one for one, so they keep their width (pinned)."""
+    other = next((a for a in node.args[:2] if isinstance(a, fx.Node) and a is not x), None)
+    shape = other.meta.get("gpdc.shape") if other is not None else None
+    if not shape or L.dim >= out_nd - 2:
+        return []
+    d = L.dim - (out_nd - len(shape))
+    if d < 0 or shape[d] != L.width or L.width == 1:
+        return []
+    pinned = an.pinned_layout(node, d, L.width, f"meets the unwidened tensor '{other.name}' one for one")
+    return [(other, pinned.with_dim(L.dim))]
 
 
 def _times_fanin(ex, node: fx.Node, x, T, dim_from_end: int):

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..analyze import flatten_layouts, node_label, source_line
-from ..errors import RuleError
+from ..errors import RuleError, UnmatchableError
 from ..layout import Layout, TeacherLayout
 from .params import follow
 from .registry import Rule
@@ -554,7 +554,7 @@ class ProbedRule(Rule):
         ref, leaves = _roles(node, an, _leaves(node, an))
         specs = self._verdict(node, an, leaves, ref.layout.width)
         if specs == _RANDOM:
-            raise RuleError(_refusal(node, an, specs))
+            raise UnmatchableError(_refusal(node, an, specs))
         if not isinstance(specs, tuple):
             finding = specs if isinstance(specs, str) else specs.finding
             reason = _student_width_reason(node, an, finding)
