@@ -158,7 +158,7 @@ def update_readme(results: dict) -> None:
     readme = Path(__file__).parent.parent / "README.md"
     text = readme.read_text()
     start, end = "<!-- zoo-table -->", "<!-- /zoo-table -->"
-    known = "\n".join(f"* `{ref}`: {why}" for ref, why in KNOWN_FAILURES.items())
+    known = "\n".join(f"* `{ref}`: {why}" for ref, why in KNOWN_FAILURES.items()) or "none."
     body = f"{start}\n{table(results)}\n\nKnown failures (`KNOWN_FAILURES` in `gpdc/zoo.py`):\n\n{known}\n{end}"
     text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
     from gpdc.atomic import atomic_write

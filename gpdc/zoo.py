@@ -37,34 +37,7 @@ TIMM_LONG_TAIL = [
 ]
 
 # "source:name" -> why it fails; listed in the README as well
-KNOWN_FAILURES: dict[str, str] = {
-    "timm:efficientvit_b0": "LiteMLA (linear attention with multi-scale aggregation) cannot be traced into (it is a "
-    "timm leaf module) and has no gpdc rule",
-    "timm:mobilevit_xxs": "MobileViT unfolds patches by reshaping the channel dim into the batch dim "
-    "(`reshape(B * C * nh, ph, nw, pw)`); channels moved into the batch dim are not followed",
-    "timm:halonet_h1": "HaloAttention reshapes heads into the batch dim (`reshape(-1, dim_head, ...)`); channels "
-    "moved into the batch dim are not followed",
-    "timm:samvit_base_patch16_224": "SAM's attention reshapes heads into the batch dim "
-    "(`reshape(3, B * num_heads, H * W, -1)`); channels moved into the batch dim are not followed",
-    "timm:skresnet18": "selective-kernel attention splits channels as (paths, C) and takes a softmax over the paths; "
-    "a head split widens the second-to-last factor (the paths), and choosing the factor by use is not built",
-    "timm:resnest14d": "split attention's rSoftMax views channels as (cardinality, radix, C) and takes a softmax "
-    "over the radix; as for skresnet, the widened factor is not chosen by use",
-    "timm:efficientformerv2_s0": "talking-head attention mixes heads with 1x1 convs over the head dim and adds "
-    "tensors whose heads gpdc tracks in a different order (a CouplingError)",
-    "timm:volo_d1_224": "outlook attention unfolds kernel positions into the channel dim and multiplies the split "
-    "tensor; not followed",
-    "timm:efficientvim_m1": "its hidden-state mixer multiplies two tensors that carry channels in different roles "
-    "(not a product over the channels of both, nor batched over them)",
-    "timm:mvitv2_tiny": "pooling attention: the unbind of its qkv split mixes channels with other dims in a way "
-    "gpdc cannot express as one channel selection (not investigated further)",
-    "timm:sequencer2d_s": "nn.LSTM over the channels has no channel rule",
-    "timm:lowformer_b0": "nn.ConvTranspose2d has no channel rule",
-    "timm:swiftformer_xs": "F.normalize over the channel dim (an L2 norm across channels) has no rule with weighted "
-    "statistics; the probe refuses it",
-    "timm:csatv2": "a max over the channel dim (`.amax`) is refused by the probe (its fresh-channel check applies "
-    "under replicate too)",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # none in the recorded sweep: ops no rule widens run at the student's width
 
 # torchvision input sizes: 64 for the CNNs (at 32 their last feature maps are 1x1, where train-mode BatchNorm
 # over a batch of 2 is so ill-conditioned that the float32 original is itself ~3% off its float64 reference);
