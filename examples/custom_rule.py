@@ -13,6 +13,7 @@ from torch import nn
 import gpdc
 from gpdc.exactness import check_expansion
 from gpdc.layout import Layout
+from gpdc.rules import ChannelsIn
 
 
 @gpdc.register_leaf_module  # kept as one call_module node, like a fused kernel
@@ -33,11 +34,11 @@ class ChannelScaleRule(gpdc.Rule):
         L = an.layout_of(node.args[0])  # which student channel each position of the input's channel dim holds
         if not isinstance(L, Layout) or L.dim != 1:
             raise gpdc.RuleError(f"ChannelScale '{node.target}' expects its channels in dim 1.")
-        an.info[node] = L  # what expand needs again
+        an.record(node, ChannelsIn(L))  # facts for expand: a frozen dataclass, kept on the node
         return L  # same channels out: they widen together with the input's group
 
     def expand(self, node, ex):
-        m, L = ex.an.module(node), ex.an.info[node]
+        m, L = ex.an.module(node), ex.facts(node).inp
         TI = ex.tin(node.args[0], L)  # layout of the widened input: (channel, copy) per teacher position
         src = torch.as_tensor(ex.student_pos(L, TI))  # the student channel of each teacher position
         new = ex.clone(m, params={"weight": m.weight.detach()[src]})

@@ -21,6 +21,7 @@ from .errors import CouplingError, GpdcError, InternalError, RuleError, Unmatcha
 from .coupling import Coupling
 from .layout import Layout, SplitLayout
 from .outputs import LeafPath, graph_leaves, is_structure_node
+from .rules.context import FACTS, check_facts
 from .rules.registry import find_rule
 
 
@@ -81,11 +82,12 @@ class ChannelAnalysis:
                 self.at_student_width[e.origin] = e.reason
 
     def _reset(self) -> None:
+        for node in self.gm.graph.nodes:
+            node.meta.pop(FACTS, None)
         self.free_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that widen (expand.free_outputs)
         self.pinned_outputs: dict[LeafPath, fx.Node] = {}  # output leaves that carry channels and stay put
         self.coupling = Coupling()
         self.layouts: dict[fx.Node, object] = {}
-        self.info: dict[fx.Node, object] = {}  # rule-specific facts the expand pass reuses
         self.rules: dict[fx.Node, object] = {}
         self._input_dependent: dict[fx.Node, bool] = {}
 
@@ -93,6 +95,20 @@ class ChannelAnalysis:
     @property
     def spaces(self):
         return self.coupling.spaces
+
+    def record(self, node: fx.Node, facts) -> None:
+        """Hand ``facts`` (a frozen dataclass) from the node's rule to its expansion (``node.meta``)."""
+        check_facts(node, facts)
+        node.meta[FACTS] = facts
+
+    def facts(self, node: fx.Node):
+        """What the node's rule recorded (None if nothing)."""
+        return node.meta.get(FACTS)
+
+    def assign(self, node: fx.Node, layout: Layout, rule) -> None:
+        """Give an earlier node (a parameter's chain of shape ops) its layout and the rule that expands it."""
+        self.layouts[node] = layout
+        self.rules[node] = rule
 
     def new_space(self, width: int, origin: fx.Node, pinned: str | None = None) -> int:
         return self.coupling.new_space(width, origin.name, pinned)
@@ -117,11 +133,15 @@ class ChannelAnalysis:
         if q > 1:
             self.coupling.same_multiplicity(layout, q, node.name)
 
+    def align(self, a: Layout, b: Layout, node: fx.Node) -> None:
+        """Channels at equal positions of ``a`` and ``b`` widen alike (same multiplicity) but stay distinct."""
+        self.coupling.align(a, b, node.name)
+
     def aligned_space(self, L: Layout, node: fx.Node) -> Layout:
         """A new space of ``L.width`` channels, one per position of ``L``, that widens like them: how a
         concat tells apart two tensors holding the same channels."""
         fresh = Layout.of_space(L.dim, self.new_space(L.width, node), L.width)
-        self.coupling.align(L, fresh, node.name)
+        self.align(L, fresh, node)
         return fresh
 
     def couple(self, a: Layout, b: Layout, node: fx.Node) -> None:

@@ -102,10 +102,11 @@ def expand(
     leaf_functions: tuple[Callable, ...] = (),
 ) -> Expansion:
     """Widen ``model`` into an exact dynamic teacher and a student that shares its parameters."""
-    from .passes import ChannelBranchReparameterization, InverseReparameterization  # noqa: PLC0415 (passes/)
+    from .passes import ChannelBranchReparameterization, InverseReparameterization, SinkParameterChains  # noqa: PLC0415
 
     spec = load_spec(spec)
     student = trace(model, spec.input_shape, leaf_modules, leaf_functions)
+    student, (sunk,) = run_passes(student, (SinkParameterChains(),))
     analysis = ChannelAnalysis(student, spec.expand.free_outputs, spec.expand.unwidenable)
     _check_free_outputs(spec.expand.free_outputs, analysis)
     plan = plan_expansion(analysis, spec)
@@ -114,12 +115,12 @@ def expand(
         InverseReparameterization(analysis, plan, param_map),
         ChannelBranchReparameterization(spec.branches, param_map),
     )
-    teacher, results = run_passes(student, pipeline)
+    teacher, results = run_passes(student, pipeline, have=frozenset({"traced", "parameter-chains-sunk"}))
     shared = SharedStudent(student, teacher, param_map)
     log = [f"[{p.name}] {line}" for p, r in zip(pipeline, results) for line in r.log]
     return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan,
                      results[0].artifacts["output_maps"], [*analysis.pinned_outputs, *analysis.free_outputs], log,
-                     {n.name: f.reason for n, f in analysis.info.items() if isinstance(f, StudentWidth)})
+                     {n.name: f.reason for n in student.graph.nodes if isinstance(f := analysis.facts(n), StudentWidth)})
 
 
 def _check_free_outputs(patterns: list[str], an: ChannelAnalysis) -> None:

@@ -27,19 +27,33 @@ class PassError(InternalError):
 
 
 class Pass:
+    """A rewrite of a GraphModule. Its contract: the graph properties it ``requires`` (established by earlier
+    passes or by tracing: ``traced``), those it ``ensures``, and whether it rewrites the graph it is given
+    (``in_place``) or builds a new one and leaves its input untouched."""
+
     name = "pass"
+    requires: frozenset[str] = frozenset()
+    ensures: frozenset[str] = frozenset()
+    in_place = False
 
     def call(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
+        before = None if self.in_place else _fingerprint(gm)
         try:
             result = self.call(gm)
-        except GpdcError:
+        except GpdcError as e:
+            if isinstance(e, InternalError) and not str(e).startswith("pass '"):
+                raise type(e)(f"pass '{self.name}': {e}") from e
             raise
         except Exception as e:
             raise PassError(f"internal error in pass '{self.name}': {type(e).__name__}: {e}. This is a gpdc bug; "
                             "please report it with the model and spec.") from e
+        if self.in_place and result.graph_module is not gm:
+            raise PassError(f"internal error: pass '{self.name}' declares in_place but returned a new graph module")
+        if before is not None and _fingerprint(gm) != before:
+            raise PassError(f"internal error: pass '{self.name}' is not in_place but changed the graph it was given")
         try:
             result.graph_module.graph.lint()
             result.graph_module.recompile()
@@ -49,9 +63,20 @@ class Pass:
         return result
 
 
-def run_passes(gm: fx.GraphModule, passes: tuple[Pass, ...]) -> tuple[fx.GraphModule, list[PassResult]]:
+def _fingerprint(gm: fx.GraphModule) -> tuple:
+    return tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
+
+
+def run_passes(gm: fx.GraphModule, passes: tuple[Pass, ...], have: frozenset[str] = frozenset({"traced"})
+               ) -> tuple[fx.GraphModule, list[PassResult]]:
+    """Run ``passes`` in order, each only if what it requires holds (``have``: what holds before the first)."""
     results = []
     for p in passes:
+        missing = p.requires - have
+        if missing:
+            raise PassError(f"internal error: pass '{p.name}' requires {sorted(missing)}, which no earlier pass "
+                            f"ensures (have {sorted(have)})")
+        have = have | p.ensures
         r = p(gm)
         results.append(r)
         gm = r.graph_module

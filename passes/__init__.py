@@ -2,5 +2,6 @@
 
 from .branch import ChannelBranchReparameterization
 from .expand import InverseReparameterization
+from .sink import SinkParameterChains
 
-__all__ = ["InverseReparameterization", "ChannelBranchReparameterization"]
+__all__ = ["SinkParameterChains", "InverseReparameterization", "ChannelBranchReparameterization"]

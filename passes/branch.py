@@ -21,6 +21,9 @@ from gpdc.spec import BranchSpec
 
 class ChannelBranchReparameterization(Pass):
     name = "branch"
+    requires = frozenset({"teacher"})
+    ensures = frozenset({"branched"})
+    in_place = True
 
     def __init__(self, spec: BranchSpec, param_map: ParamMap):
         self.spec = spec

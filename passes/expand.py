@@ -38,6 +38,8 @@ torch.fx.wrap("select_channels")
 
 class InverseReparameterization(Pass):
     name = "expand"
+    requires = frozenset({"traced", "parameter-chains-sunk"})
+    ensures = frozenset({"teacher"})
 
     def __init__(self, analysis: ChannelAnalysis, plan: ExpansionPlan, param_map: ParamMap):
         self.an = analysis
@@ -122,6 +124,29 @@ class _Expander:
 
     def arg(self, a):
         return fx.node.map_arg(a, self.arg_lookup)
+
+    def facts(self, node: fx.Node):
+        """What the node's rule recorded during analysis."""
+        return self.an.facts(node)
+
+    def layout(self, node: fx.Node):
+        """The student layout of the node's output."""
+        return self.an.layout_of(node)
+
+    def parameter(self, target: str) -> nn.Parameter:
+        """The student's parameter ``target``."""
+        return self.gm.get_parameter(target)
+
+    def set_parameter(self, target: str, value: torch.Tensor, index: dict, scale: dict | None = None) -> None:
+        """The teacher's copy ``value`` of the student's parameter ``target``, and how the student reads it back
+        (``index``/``scale`` per dim, as ``ParamMap.add``)."""
+        p = self.parameter(target)
+        self.attrs[target] = nn.Parameter(value.detach().contiguous(), requires_grad=p.requires_grad)
+        self.param_map.add(target, target, index=index, scale=scale)
+
+    def set_module(self, target: str, module: nn.Module) -> None:
+        """The teacher's module at ``target`` (a rule that emits the call itself)."""
+        self.modules[target] = module
 
     def keys(self, L) -> np.ndarray:
         return self.an.channel_keys(L)

@@ -84,7 +84,7 @@ def test_unwidenable_ops_run_at_the_student_width_or_stop_when_asked(ref):
     spec = {"input_shape": [2, 3, s, s], "expand": {"ratio": 2.0}}
     ops = gpdc.expand(model, spec).report()["student_width_ops"]
     assert ops and any(UNWIDENABLE_SAMPLE[ref] in name + why for name, why in ops.items()), ops
-    with pytest.raises(gpdc.RuleError, match=f"cannot be widened: .*{UNWIDENABLE_SAMPLE[ref]}"):
+    with pytest.raises(gpdc.RuleError, match=UNWIDENABLE_SAMPLE[ref]):
         gpdc.expand(model, spec | {"expand": {"ratio": 2.0, "unwidenable": "error"}})
 
 

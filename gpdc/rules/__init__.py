@@ -2,11 +2,12 @@
 integrations (``integrations``), which builds on their rules."""
 
 from . import attention, contraction, elementwise, functional, movement, norm, params, probe, producers  # noqa: F401,E501  (registration side effects)
+from .context import AnalysisContext, ChannelsIn, ExpansionContext
 from .elementwise import register_elementwise
 from .integrations import register_integrations
 from .registry import Rule, register_function_rule, register_method_rule, register_module_rule, scoped
 
 register_integrations()
 
-__all__ = ["Rule", "register_module_rule", "register_function_rule", "register_method_rule", "register_elementwise",
+__all__ = ["Rule", "AnalysisContext", "ExpansionContext", "ChannelsIn", "register_module_rule", "register_function_rule", "register_method_rule", "register_elementwise",
            "scoped"]

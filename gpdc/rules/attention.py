@@ -28,7 +28,7 @@ from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout
 from ..trace import register_leaf_module
-from .producers import dense_bias, dense_weight
+from .producers import Dense, dense_bias, dense_weight
 from .registry import Rule, register_module_rule
 
 
@@ -115,7 +115,7 @@ class AttentionRule(Rule):
         an.set_quantum(L, d, node)
         cout = self.out_features(m)
         out = Layout.of_space(nd - 1, an.new_space(cout, node), cout)
-        an.info[node] = {"in": L, "out": out}
+        an.record(node, Dense(L, out))
         return self.output_layout(out)
 
     def check(self, node: fx.Node, an) -> None:
@@ -126,8 +126,8 @@ class AttentionRule(Rule):
 
     def expand(self, node: fx.Node, ex) -> None:
         m = ex.an.module(node)
-        info = ex.an.info[node]
-        L, Lout = info["in"], info["out"]
+        facts = ex.facts(node)
+        L, Lout = facts.inp, facts.out
         TI = ex.tin(node.args[0], L)
         d = self.head_dim(m)
         if TI.width % d:

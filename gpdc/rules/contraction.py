@@ -12,6 +12,8 @@ probe (``gpdc.rules.probe``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 import operator
 
@@ -32,6 +34,31 @@ def _contracted(node: fx.Node, an, i: int, dim_from_end: int) -> Layout | None:
     L = an.layout_of(a) if isinstance(a, fx.Node) else None
     nd = len(a.meta["gpdc.shape"]) if isinstance(a, fx.Node) and a.meta.get("gpdc.shape") else 0
     return L if isinstance(L, Layout) and nd >= dim_from_end and L.dim == nd - dim_from_end else None
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """A product summing over the channels: each operand's student layout (None: input-independent, gathered),
+    the dim (from the end) it sums over, and the operand scaled by the fan-in."""
+
+    layouts: tuple
+    dims: tuple
+    scaled: int
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A product keeping the channels (rows, columns or a batch dim): (operand, layout in the output's dims)."""
+
+    kept: tuple
+
+
+@dataclass(frozen=True)
+class ChannelAttention:
+    """Scaled dot-product attention summing over the channels of q and k."""
+
+    q: Layout
+    k: Layout
 
 
 class MatmulRule(Rule):
@@ -57,7 +84,7 @@ class MatmulRule(Rule):
         for i, L, dfe in pairs:
             if L is not None and L is not ref:
                 an.couple(ref, L.with_dim(ref.dim), node)
-        an.info[node] = {"contracts": True, "layouts": (La, Lb), "dims": (1, b_dim), "scaled": scaled}
+        an.record(node, Contraction((La, Lb), (1, b_dim), scaled))
         return None
 
     def _batched(self, node: fx.Node, an):
@@ -83,14 +110,14 @@ class MatmulRule(Rule):
             kept += _unwidened_partner(node, an, *kept[0], out_nd)
         if len(kept) == 2:
             an.couple(kept[0][1], kept[1][1], node)
-        an.info[node] = {"kept": kept}
+        an.record(node, Batched(tuple(kept)))
         return kept[0][1]
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        if "kept" in info:
-            return self._expand_batched(node, ex, info["kept"])
-        layouts, dims, scaled = info["layouts"], info["dims"], info["scaled"]
+        facts = ex.facts(node)
+        if isinstance(facts, Batched):
+            return self._expand_batched(node, ex, facts.kept)
+        layouts, dims, scaled = facts.layouts, facts.dims, facts.scaled
         T = ex.tl[node.args[scaled]]
         args = list(ex.arg(node.args))
         for i, (L, dfe) in enumerate(zip(layouts, dims)):
@@ -152,23 +179,23 @@ class AttentionProductRule(Rule):
             raise RuleError(f"scaled_dot_product_attention {node_label(node)} sums over widened channels of only one "
                             "of q and k (or with an explicit scale); gpdc widens both or neither.")
         an.couple(Lq, Lk, node)
-        an.info[node] = {"contracts": True, "q": Lq, "k": Lk}
+        an.record(node, ChannelAttention(Lq, Lk))
         return an.layout_of(node.args[2])
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        if "contracts" not in info:
+        facts = ex.facts(node)
+        if not isinstance(facts, ChannelAttention):
             return PROBED.expand(node, ex)
         q, k, v = node.args[:3]
         TQ, TK = ex.tl[q], ex.tl[k]
         nq = len(q.meta["gpdc.shape"])
-        idx = ex.pair(info["q"], TQ, info["k"], TK)
+        idx = ex.pair(facts.q, TQ, facts.k, TK)
         kq = ex.arg(k) if idx is None else ex.index_select(node, ex.arg(k), nq - 1, idx)
         args = (_times_fanin(ex, node, ex.arg(q), TQ, 1), kq, *ex.arg(node.args[2:]))
-        kwargs = dict(ex.arg(node.kwargs), scale=1 / math.sqrt(info["q"].width))
+        kwargs = dict(ex.arg(node.kwargs), scale=1 / math.sqrt(facts.q.width))
         ex.env[node] = ex.graph.create_node(node.op, node.target, args, kwargs, node.name)
         ex.tl[node] = ex.tl[v]
-        ex.log(node, f"attention sums over {info['q'].width}->{TQ.width} channels with the student's scale")
+        ex.log(node, f"attention sums over {facts.q.width}->{TQ.width} channels with the student's scale")
 
 
 for _fn in (operator.matmul, torch.matmul, torch.bmm):

@@ -8,6 +8,8 @@ sigmoid gates). Binary ops couple the channel spaces of their inputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import operator
 
 import torch
@@ -74,6 +76,17 @@ class RollRule(ChannelwiseRule):
         return L
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Inputs combined channel for channel: each input's student layout (in the output's dims), the reference
+    whose teacher layout the others are lined up with, and the input-independent tensors gathered to it."""
+
+    out: Layout | None
+    ref: fx.Node | None
+    paired: dict  # input node -> Layout
+    gathers: dict  # input-independent node -> Layout
+
+
 class BinaryRule(Rule):
     """Elementwise ops of several tensors: inputs that carry channels are coupled.
 
@@ -115,13 +128,12 @@ class BinaryRule(Rule):
                 if first.dim != L.dim:
                     raise RuleError(f"node {node.name} combines tensors whose channels sit in different dims ({first.dim}, {L.dim}).")
                 an.couple(first, L, node)
-        an.info[node] = {"out": first, "ref": ref_node, "paired": paired, "gathers": gathers}
+        an.record(node, Paired(first, ref_node, paired, gathers))
         return first
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        first, gathers, paired = info["out"], info["gathers"], info["paired"]
-        ref = info["ref"]
+        facts: Paired = ex.facts(node)
+        first, gathers, paired, ref = facts.out, facts.gathers, facts.paired, facts.ref
         TO = None if ref is None else ex.tin(ref, paired[ref])  # an unwidened (pinned) reference: its own layout
         new_args = []
         for a in node.args:
@@ -131,7 +143,7 @@ class BinaryRule(Rule):
                 Lc = gathers[a]
                 na = ex.index_select(node, na, Lc.dim, ex.student_pos(Lc, TO))
                 ex.log(node, f"input-independent '{a.name}' gathered to the teacher's {TO.width} channels")
-            elif isinstance(a, fx.Node) and a in paired and T is not None and a is not info["ref"]:
+            elif isinstance(a, fx.Node) and a in paired and T is not None and a is not ref:
                 idx = ex.pair(first, TO, paired[a], T)
                 na = na if idx is None else ex.index_select(node, na, T.dim, idx)
             new_args.append(na)

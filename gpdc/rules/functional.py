@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from ..analyze import node_label, source_line
 from ..errors import RuleError
 from ..layout import Layout
 from .params import _CHAIN_FUNCTIONS, _CHAIN_METHODS, _chain_to_param, _is_param, _run
-from .producers import dense_bias, dense_weight
+from .producers import ChannelwiseLinear, dense_bias, dense_weight
 from .registry import Rule, register_function_rule
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -133,6 +132,37 @@ def _moved(t: torch.Tensor, dims: tuple, fn) -> torch.Tensor:
     return fn(t.movedim(dims, front)).movedim(front, dims)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A layer on unwidened input whose weight cannot widen: its output opens no space."""
+
+
+@dataclass(frozen=True)
+class FunctionalLayer:
+    """A functional conv or linear: its input and output layouts and where its weight and bias come from."""
+
+    inp: Layout
+    out: Layout
+    weight: _Held
+    bias: _Held | None
+    kind = "layer"
+
+
+@dataclass(frozen=True)
+class FunctionalDense(FunctionalLayer):
+    kind = "dense"
+
+
+@dataclass(frozen=True)
+class FunctionalDepthwise(FunctionalLayer):
+    kind = "depthwise"
+
+
+@dataclass(frozen=True)
+class FunctionalGrouped(FunctionalLayer):
+    kind = "grouped"
+
+
 class FunctionalDenseRule(Rule):
     """``F.conv*d`` and ``F.linear``: open a new channel space, like ``DenseRule`` for the modules."""
 
@@ -159,34 +189,34 @@ class FunctionalDenseRule(Rule):
             if not linear:
                 raise RuleError(f"convolution {node_label(node)} expects channels in dim 1, but its input carries them "
                                 f"in dim {L.dim}.")
-            an.info[node] = {"kind": "channelwise"}  # a linear over a non-channel dim acts on each channel alike
+            an.record(node, ChannelwiseLinear(L))  # a linear over a non-channel dim acts on each channel alike
             return L
         n_dims = 2 if groups == 1 else 1
         held = {"weight": _held(node, w, n_dims, an), "bias": _held(node, b, 1, an) if isinstance(b, fx.Node) else None}
         refused = next(((k, h) for k, h in held.items() if isinstance(h, str)), None)
         if refused and L is None:
-            an.info[node] = {"kind": "kept"}  # its output opens no space: the layer keeps its width
+            an.record(node, Kept())  # its output opens no space: the layer keeps its width
             return None
         if refused:
             raise RuleError(self._refusal(node, *refused))
         if L is None:
             L = an.pinned_layout(node, cdim, cin, "input that is not widened (e.g. the data input)")
         kind, out = self._kind(node, an, L, cin, cout, groups, cdim)
-        an.info[node] = {"kind": kind, "in": L, "out": out, **held}
+        an.record(node, kind(L, out, held["weight"], held["bias"]))
         return out
 
     @staticmethod
     def _kind(node: fx.Node, an, L: Layout, cin: int, cout: int, groups: int, cdim: int):
         if groups == 1:
-            return "dense", Layout.of_space(cdim, an.new_space(cout, node), cout)
+            return FunctionalDense, Layout.of_space(cdim, an.new_space(cout, node), cout)
         if groups == cin == cout:
-            return "depthwise", an.aligned_space(L, node)  # new channels that widen like their inputs
+            return FunctionalDepthwise, an.aligned_space(L, node)  # new channels that widen like their inputs
         if np.any(L.sub):
             raise RuleError(f"grouped convolution {node_label(node)} receives flattened features; not supported.")
         out = Layout.of_space(cdim, an.new_space(cout, node), cout)
         an.set_quantum(out, cout // groups, node)
         an.set_quantum(L, cin // groups, node)
-        return "grouped", out
+        return FunctionalGrouped, out
 
     @staticmethod
     def _refusal(node: fx.Node, what: str, why: str) -> str:
@@ -199,43 +229,43 @@ class FunctionalDenseRule(Rule):
 
     # -- expand ---------------------------------------------------------------------------------
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        if info["kind"] in ("channelwise", "kept"):
-            ex.emit_copy(node, ex.tl.get(self._arg(node, "input")) if info["kind"] == "channelwise" else None)
+        facts = ex.facts(node)
+        if isinstance(facts, (ChannelwiseLinear, Kept)):
+            ex.emit_copy(node, ex.tl.get(self._arg(node, "input")) if isinstance(facts, ChannelwiseLinear) else None)
             return
-        L = info["in"]
+        L = facts.inp
         TI = ex.tin(self._arg(node, "input"), L)
         x, w, b = (ex.arg(self._arg(node, k)) for k in ("input", "weight", "bias"))
-        if info["kind"] == "dense":
-            TO = ex.canonical(info["out"])
-            w, b = self._dense(node, ex, info, TI, TO, w, b)
+        if isinstance(facts, FunctionalDense):
+            TO = ex.canonical(facts.out)
+            w, b = self._dense(node, ex, facts, TI, TO, w, b)
             new = {}
-        elif info["kind"] == "depthwise":
-            TO = ex.aligned_teacher(L, TI, info["out"])
+        elif isinstance(facts, FunctionalDepthwise):
+            TO = ex.aligned_teacher(L, TI, facts.out)
             pos = ex.student_pos(L, TI)
-            w, b = (self._rows(node, ex, info[k], t, pos, TI.positions_of(ex.keys(L))) for k, t in (("weight", w), ("bias", b)))
+            w, b = (self._rows(node, ex, h, t, pos, TI.positions_of(ex.keys(L))) for h, t in ((facts.weight, w), (facts.bias, b)))
             new = {"groups": TI.width}
         else:
-            TO = ex.canonical(info["out"])
-            x, groups = self._grouped_input(node, ex, info, TI, TO, x)
-            rows = TO.positions_of(ex.keys(info["out"]))
-            w, b = (self._rows(node, ex, info[k], t, TO.index, rows) for k, t in (("weight", w), ("bias", b)))
+            TO = ex.canonical(facts.out)
+            x, groups = self._grouped_input(node, ex, facts, TI, TO, x)
+            rows = TO.positions_of(ex.keys(facts.out))
+            w, b = (self._rows(node, ex, h, t, TO.index, rows) for h, t in ((facts.weight, w), (facts.bias, b)))
             new = {"groups": groups}
         args, kwargs = self._teacher_args(node, ex, input=x, weight=w, bias=b, **new)
         ex.env[node] = ex.graph.create_node("call_function", node.target, args, kwargs, node.name)
         ex.tl[node] = TO
-        held = info["weight"]
+        held = facts.weight
         source = (f"parameter '{held.param}'" if held.param else
                   f"gathered at the student's size: it {held.why} (exact; no extra weights in this layer)" if held.why
                   else "a constant, gathered")
-        ex.log(node, f"functional {info['kind']}: {L.width}->{TI.width} in, {info['out'].width}->{TO.width} out; "
+        ex.log(node, f"functional {facts.kind}: {L.width}->{TI.width} in, {facts.out.width}->{TO.width} out; "
                      f"weight {source}")
 
-    def _dense(self, node: fx.Node, ex, info: dict, TI, TO, w, b):
-        L, Lout = info["in"], info["out"]
+    def _dense(self, node: fx.Node, ex, facts: FunctionalDense, TI, TO, w, b):
+        L, Lout = facts.inp, facts.out
         cols, scale = ex.student_pos(L, TI), ex.fanin_scale(TI)
         rows, in_pos = TO.positions_of(ex.keys(Lout)), TI.positions_of(ex.keys(L))
-        held = info["weight"]
+        held = facts.weight
         if held.param:
             w = _emit_param(ex, held, lambda t: dense_weight(ex, t, TO.index, TO, cols, scale),
                             index={0: rows, 1: in_pos}, scale={1: 1.0 / scale[in_pos]})
@@ -244,7 +274,7 @@ class FunctionalDenseRule(Rule):
             shape = [1, -1] + [1] * (len(self._arg(node, "weight").meta["gpdc.shape"]) - 2)
             w = ex.graph.call_function(operator.mul, (w, ex.buffer(node, "fanin_scale", torch.as_tensor(
                 scale, dtype=torch.float32).view(shape))))
-        held = info["bias"]
+        held = facts.bias
         if held is not None and held.param:
             b = _emit_param(ex, held, lambda t: dense_bias(ex, t, TO.index, TO.copy), index={0: rows})
         elif held is not None:
@@ -261,9 +291,9 @@ class FunctionalDenseRule(Rule):
             return _emit_param(ex, held, lambda p: p.index_select(0, idx), index={0: rows})
         return ex.index_select(node, t, 0, rows_student)
 
-    def _grouped_input(self, node: fx.Node, ex, info: dict, TI, TO, x):
+    def _grouped_input(self, node: fx.Node, ex, facts: FunctionalGrouped, TI, TO, x):
         """Teacher group g computes student group sigma(g) from one copy of its inputs (as ``DenseRule``)."""
-        L, Lout = info["in"], info["out"]
+        L, Lout = facts.inp, facts.out
         groups = _value(self._arg(node, "groups"))
         a, b = L.width // groups, Lout.width // groups
         in_keys = ex.keys(L)
@@ -292,10 +322,8 @@ class FunctionalDenseRule(Rule):
 def _emit_param(ex, held: _Held, fn, index: dict, scale: dict | None = None) -> fx.Node:
     """Widen the parameter (``fn`` sees its layer dims first), record how the student reads it back, and emit the
     teacher's weight: the parameter, reshaped like the student's chain, with the chain's dtype casts."""
-    p = ex.gm.get_parameter(held.param)
-    t = _moved(p.detach(), held.dims, fn)
-    ex.attrs[held.param] = nn.Parameter(t.contiguous(), requires_grad=p.requires_grad)
-    ex.param_map.add(held.param, held.param, index={held.dims[k]: v for k, v in index.items()},
+    t = _moved(ex.parameter(held.param).detach(), held.dims, fn)
+    ex.set_parameter(held.param, t, index={held.dims[k]: v for k, v in index.items()},
                      scale={held.dims[k]: v for k, v in (scale or {}).items()})
     out = ex.graph.get_attr(held.param)
     final = list(held.chain[-1].meta["gpdc.shape"])

@@ -14,10 +14,29 @@ student head ``src[h']``'s channels, copy ``copy[h']``) before the reshape, whos
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch.fx as fx
 
 from ..layout import Layout
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A reshape splitting the channels ``inp`` into ``factors`` (heads second to last) from output dim ``start``."""
+
+    inp: Layout
+    start: int
+    factors: tuple
+
+
+@dataclass(frozen=True)
+class LaneSplit:
+    """A reshape splitting heads merged into channels back into (heads, ``d``) from output dim ``start``."""
+
+    start: int
+    d: int
 
 
 def split_factors(node: fx.Node, L: Layout) -> tuple[int, list[int]] | None:
@@ -46,8 +65,8 @@ def split_heads(node: fx.Node, L: Layout, split: tuple[int, list[int]], an) -> L
     head_of = np.unravel_index(np.arange(L.width), factors)[-2]
     out = Layout.of_space(start + len(factors) - 2, an.new_space(heads, node), heads)
     members = Layout(L.dim, np.full(L.width, out.space[0]), head_of.astype(np.int64), np.zeros(L.width, np.int64))
-    an.coupling.align(L, members, node.name)
-    an.info[node] = {"kind": "heads", "in": L, "start": start, "factors": factors}
+    an.align(L, members, node)
+    an.record(node, HeadSplit(L, start, tuple(factors)))
     return out
 
 
@@ -62,11 +81,10 @@ def _teacher_shape(node: fx.Node, dim: int, factors: list[int]) -> tuple:
     return (type(node.args[1])(sizes),) if packed else tuple(sizes)
 
 
-def expand_split_heads(node: fx.Node, ex) -> None:
-    info = ex.an.info[node]
-    L, factors = info["in"], info["factors"]
+def expand_split_heads(node: fx.Node, ex, facts: HeadSplit) -> None:
+    L, factors = facts.inp, list(facts.factors)
     TS = ex.tl[node.args[0]]
-    TH = ex.canonical(ex.an.layouts[node])
+    TH = ex.canonical(ex.layout(node))
     teacher_factors = factors[:-2] + [TH.width, factors[-1]]
     grid = np.indices(teacher_factors).reshape(len(factors), -1)
     copy = TH.copy[grid[-2]]
@@ -75,7 +93,7 @@ def expand_split_heads(node: fx.Node, ex) -> None:
     lookup = {kc: i for i, kc in enumerate(zip(TS.keys.tolist(), TS.copy.tolist()))}
     idx = np.array([lookup[kc] for kc in zip(keys.tolist(), copy.tolist())], dtype=np.int64)
     x = ex.index_select(node, ex.arg(node.args[0]), TS.dim, idx)
-    args = (x,) + ex.arg(_teacher_shape(node, info["start"], teacher_factors))
+    args = (x,) + ex.arg(_teacher_shape(node, facts.start, teacher_factors))
     ex.env[node] = ex.graph.create_node(node.op, node.target, args, ex.arg(node.kwargs), node.name)
     ex.tl[node] = TH
     ex.log(node, f"splits {L.width} channels into heads {factors[-2]}->{TH.width} of {factors[-1]}")
@@ -105,15 +123,14 @@ def _runs_of_lanes(L: Layout, d: int) -> bool:
 
 
 def unflatten_lanes(node: fx.Node, L: Layout, start: int, d: int, an) -> Layout:
-    an.info[node] = {"kind": "lanes", "start": start, "d": d}
+    an.record(node, LaneSplit(start, d))
     first = np.arange(0, L.width, d)
     return Layout(start, L.space[first], L.index[first], L.sub[first] // d)
 
 
-def expand_unflatten_lanes(node: fx.Node, ex) -> None:
+def expand_unflatten_lanes(node: fx.Node, ex, facts: LaneSplit) -> None:
     """Gather each teacher head's d lanes together, in order, then reshape with the teacher's head count."""
-    info = ex.an.info[node]
-    d, TI = info["d"], ex.tl[node.args[0]]
+    d, TI = facts.d, ex.tl[node.args[0]]
     group = TI.keys - TI.sub + TI.sub // d  # the head channel's key at its base sub-position
     order = {}
     for i, (g, c) in enumerate(zip(group.tolist(), TI.copy.tolist())):
@@ -122,8 +139,8 @@ def expand_unflatten_lanes(node: fx.Node, ex) -> None:
     x = ex.arg(node.args[0])
     if not np.array_equal(idx, np.arange(TI.width)):
         x = ex.index_select(node, x, TI.dim, idx)
-    T = TI.take(idx[::d], dim=info["start"], sub=TI.sub[idx[::d]] // d, keys=None)
-    args = (x,) + ex.arg(_teacher_shape(node, info["start"], [T.width, d]))
+    T = TI.take(idx[::d], dim=facts.start, sub=TI.sub[idx[::d]] // d, keys=None)
+    args = (x,) + ex.arg(_teacher_shape(node, facts.start, [T.width, d]))
     ex.env[node] = ex.graph.create_node(node.op, node.target, args, ex.arg(node.kwargs), node.name)
     ex.tl[node] = ex.rekey(T)
     ex.log(node, f"splits merged heads back: {T.width} heads of {d}")

@@ -14,6 +14,7 @@ shuffles (view → transpose → view) and slices need no per-model code. In the
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,9 @@ from ..analyze import node_label
 from ..errors import RuleError
 from ..layout import Layout, SplitLayout, cat_layouts, cat_teacher, decode_tags, encode_tags
 from .params import follow
-from .heads import expand_split_heads, expand_unflatten_lanes, lane_split, split_factors, split_heads, unflatten_lanes
+from .context import ChannelsIn
+from .heads import (HeadSplit, LaneSplit, expand_split_heads, expand_unflatten_lanes, lane_split, split_factors,
+                    split_heads, unflatten_lanes)
 from .probe import call_node, known_value
 from .registry import Rule, find_rule, register_function_rule, register_method_rule, register_module_rule
 from .shapes import is_reshape, patch_shape
@@ -56,6 +59,65 @@ def _run_on(node: fx.Node, src: fx.Node, tags: torch.Tensor, an):
     return call_node(node, an, args, kwargs)
 
 
+@dataclass(frozen=True)
+class Item:
+    """``getitem`` on a tuple of tensors (a chunk or split): the item's layout."""
+
+
+@dataclass(frozen=True)
+class Value:
+    """A movement op whose output is not a tensor (a size)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The channel dim spread across dims, not emitted: the merge that follows selects from the source."""
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """Spatial dims merged into a channels-last channel dim in whole blocks of channels (space-to-depth)."""
+
+    blocks: int
+
+
+@dataclass(frozen=True)
+class Natural:
+    """A reshape/permute that keeps each channel's entries together: per output, entries per channel, their
+    sub-positions and whether it merges other dims into the channel dim."""
+
+    repeat: tuple
+    sub: tuple
+    merges: tuple
+
+
+@dataclass(frozen=True)
+class Select:
+    """Channels selected, permuted or sliced from ``source``: each output's student layout."""
+
+    source: fx.Node
+    parts: tuple
+    tuple: bool
+
+
+@dataclass(frozen=True)
+class CatChannels:
+    """A concat along the channel dim: each part's layout, and the aligned space telling a repeated part apart."""
+
+    parts: tuple
+    fresh: tuple
+
+
+@dataclass(frozen=True)
+class CatOther:
+    """A concat along another dim: the parts' channels are coupled."""
+
+
+@dataclass(frozen=True)
+class ReduceOther:
+    """A reduction over dims that hold no channels."""
+
+
 class MoveRule(Rule):
     accepts_split = True
 
@@ -63,7 +125,7 @@ class MoveRule(Rule):
         src = node.args[0]
         L = an.layout_of(src)
         if isinstance(L, tuple):  # getitem on the result of chunk/split
-            an.info[node] = {"kind": "item"}
+            an.record(node, Item())
             return L[node.args[1]]
         if isinstance(L, Layout):
             tags, stride = encode_tags(L, src.meta["gpdc.shape"])
@@ -73,7 +135,7 @@ class MoveRule(Rule):
         out = _run_on(node, src, tags, an)
         parts = list(out) if isinstance(out, (list, tuple)) else [out]
         if any(not isinstance(t, torch.Tensor) for t in parts):
-            an.info[node] = {"kind": "value"}
+            an.record(node, Value())
             return None
         if source_node is src and is_reshape(node) and (lanes := lane_split(node, L)):
             return unflatten_lanes(node, L, *lanes, an)
@@ -109,15 +171,15 @@ class MoveRule(Rule):
         if "split" in kinds:
             if len(parts) > 1:
                 raise RuleError(f"node '{node.name}' splits the channel dim over several dims and several outputs.")
-            an.info[node] = {"kind": "split"}
+            an.record(node, Split())
             return lays[0]
         if any(k[0] == "tiled" for k in kinds):
             if len(kinds) > 1:
                 raise RuleError(f"node '{node.name}' merges spatial dims into channels and has several outputs.")
-            an.info[node] = {"kind": "tiled", "blocks": kinds[0][1]}
+            an.record(node, Tiled(kinds[0][1]))
         elif all(k[0] == "natural" for k in kinds):
-            an.info[node] = {"kind": "natural", "repeat": [k[1] for k in kinds], "sub": [k[2] for k in kinds],
-                             "merges": [k[3] for k in kinds]}
+            an.record(node, Natural(tuple(k[1] for k in kinds), tuple(k[2] for k in kinds),
+                                    tuple(k[3] for k in kinds)))
         else:
             for lay in lays:  # a selection by channel key (sub-positions included) along the source's dim
                 if lay.dim != source.dim:
@@ -125,7 +187,7 @@ class MoveRule(Rule):
                         f"node '{node.name}' rearranges channels together with other dims in a way gpdc cannot "
                         "express as one channel selection; reshape channels and spatial dims in separate steps."
                     )
-            an.info[node] = {"kind": "select", "source": source_node, "parts": lays, "tuple": isinstance(out, (list, tuple))}
+            an.record(node, Select(source_node, tuple(lays), isinstance(out, (list, tuple))))
         return tuple(lays) if isinstance(out, (list, tuple)) else lays[0]
 
     @staticmethod
@@ -144,58 +206,71 @@ class MoveRule(Rule):
         return ("natural", k, rows[0], True)
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        kind = info["kind"]
-        if kind == "heads":
-            expand_split_heads(node, ex)
-        elif kind == "lanes":
-            expand_unflatten_lanes(node, ex)
-        elif kind == "item":
-            ex.emit_copy(node, ex.tl[node.args[0]][node.args[1]])
-        elif kind == "value":
-            ex.emit_copy(node, None)
-        elif kind == "split":
-            ex.env[node] = None  # not emitted: the merge that follows selects from the source
-            ex.tl[node] = None
-        elif kind == "tiled":  # space-to-depth, channels last: k blocks of all the input's channels
-            TI, k = ex.tl[node.args[0]], info["blocks"]
-            lay = ex.an.layouts[node]
-            TO = ex.rekey(cat_teacher([TI.take(np.arange(TI.width), dim=lay.dim, sub=TI.sub * k + b, keys=None)
-                                       for b in range(k)], lay.dim))
-            ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if is_reshape(node) else None)
-        elif kind == "natural":
-            TI = ex.tl[node.args[0]]
-            outs = []
-            lays = ex.an.layouts[node]
-            lays = list(lays) if isinstance(lays, tuple) else [lays]
-            for lay, k, s, merges in zip(lays, info["repeat"], info["sub"], info["merges"]):
-                sub = np.repeat(TI.sub, k) * lay_stride(ex, node) + np.tile(s, TI.width) if merges else np.repeat(TI.sub, k)
-                outs.append(TI.take(np.repeat(np.arange(TI.width), k), dim=lay.dim, sub=sub, keys=None))
-            outs = [ex.rekey(o) for o in outs]
-            if node.op == "call_module":
-                ex.modules[node.target] = ex.clone(ex.an.module(node))
-            args = patch_shape(node, outs[0], ex) if is_reshape(node) else _whole_channel_slice(node, ex)
-            ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.an.layouts[node], tuple) else outs[0], args=args)
-        else:
-            source = info["source"]
-            TS = ex.tl[source]
-            x = ex.env[source]
-            idxs, outs = [], []
-            for lay in info["parts"]:
-                keys = ex.keys(lay)
-                first = TS.positions_of(keys)
-                wanted = np.isin(TS.keys, keys) & (TS.copy > 0)
-                extra = np.nonzero(wanted)[0]
-                extra = extra[np.argsort(TS.copy[extra], kind="stable")]
-                idx = np.concatenate([first, extra])
-                idxs.append(idx)
-                outs.append(TS.take(idx, dim=TS.dim))
-            if info["tuple"]:
-                ex.emit_select_many(node, x, TS.dim, idxs, tuple(outs))
-            else:
-                ex.env[node] = ex.index_select(node, x, TS.dim, idxs[0])
-                ex.tl[node] = outs[0]
-                ex.log(node, f"channel rearrangement as index_select of {len(idxs[0])} channels from '{source.name}'")
+        facts = ex.facts(node)
+        _EXPAND_MOVE[type(facts)](node, ex, facts)
+
+
+def _expand_item(node: fx.Node, ex, facts: Item) -> None:
+    ex.emit_copy(node, ex.tl[node.args[0]][node.args[1]])
+
+
+def _expand_value(node: fx.Node, ex, facts: Value) -> None:
+    ex.emit_copy(node, None)
+
+
+def _expand_split(node: fx.Node, ex, facts: Split) -> None:
+    ex.env[node] = None  # not emitted: the merge that follows selects from the source
+    ex.tl[node] = None
+
+
+def _expand_tiled(node: fx.Node, ex, facts: Tiled) -> None:
+    """Space-to-depth, channels last: k blocks of all the input's channels."""
+    TI, k = ex.tl[node.args[0]], facts.blocks
+    lay = ex.layout(node)
+    TO = ex.rekey(cat_teacher([TI.take(np.arange(TI.width), dim=lay.dim, sub=TI.sub * k + b, keys=None)
+                               for b in range(k)], lay.dim))
+    ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if is_reshape(node) else None)
+
+
+def _expand_natural(node: fx.Node, ex, facts: Natural) -> None:
+    TI = ex.tl[node.args[0]]
+    outs = []
+    lays = ex.layout(node)
+    lays = list(lays) if isinstance(lays, tuple) else [lays]
+    for lay, k, s, merges in zip(lays, facts.repeat, facts.sub, facts.merges):
+        sub = np.repeat(TI.sub, k) * lay_stride(ex, node) + np.tile(s, TI.width) if merges else np.repeat(TI.sub, k)
+        outs.append(TI.take(np.repeat(np.arange(TI.width), k), dim=lay.dim, sub=sub, keys=None))
+    outs = [ex.rekey(o) for o in outs]
+    if node.op == "call_module":
+        ex.set_module(node.target, ex.clone(ex.an.module(node)))
+    args = patch_shape(node, outs[0], ex) if is_reshape(node) else _whole_channel_slice(node, ex)
+    ex.emit_copy(node, tuple(outs) if len(outs) > 1 or isinstance(ex.layout(node), tuple) else outs[0], args=args)
+
+
+def _expand_select(node: fx.Node, ex, facts: Select) -> None:
+    TS = ex.tl[facts.source]
+    x = ex.env[facts.source]
+    idxs, outs = [], []
+    for lay in facts.parts:
+        keys = ex.keys(lay)
+        first = TS.positions_of(keys)
+        wanted = np.isin(TS.keys, keys) & (TS.copy > 0)
+        extra = np.nonzero(wanted)[0]
+        extra = extra[np.argsort(TS.copy[extra], kind="stable")]
+        idx = np.concatenate([first, extra])
+        idxs.append(idx)
+        outs.append(TS.take(idx, dim=TS.dim))
+    if facts.tuple:
+        ex.emit_select_many(node, x, TS.dim, idxs, tuple(outs))
+    else:
+        ex.env[node] = ex.index_select(node, x, TS.dim, idxs[0])
+        ex.tl[node] = outs[0]
+        ex.log(node, f"channel rearrangement as index_select of {len(idxs[0])} channels from '{facts.source.name}'")
+
+
+_EXPAND_MOVE = {Item: _expand_item, Value: _expand_value, Split: _expand_split, Tiled: _expand_tiled,
+                Natural: _expand_natural, Select: _expand_select, HeadSplit: expand_split_heads,
+                LaneSplit: expand_unflatten_lanes}
 
 
 SENTINEL_STRIDE = 1_000_003  # marks a size-1 channel dim: no real dim of a small tag tensor has this stride
@@ -273,7 +348,7 @@ def _whole_channel_slice(node: fx.Node, ex):
         return None
     x, index = node.args
     items = list(index) if isinstance(index, tuple) else [index]
-    nd, dim = len(x.meta["gpdc.shape"]), ex.an.layouts[x].dim
+    nd, dim = len(x.meta["gpdc.shape"]), ex.layout(x).dim
     used = sum(it is not None and it is not Ellipsis for it in items)
     d = 0
     for i, it in enumerate(items):
@@ -300,7 +375,7 @@ def _tiled(pos: np.ndarray, lead: np.ndarray, width: int) -> bool:
 def lay_stride(ex, node):
     """The tag stride used when the node's input was encoded (trailing-dim size of its source)."""
     src = node.args[0]
-    L = ex.an.layouts[src]
+    L = ex.layout(src)
     shape = src.meta["gpdc.shape"]
     return int(np.prod(shape[L.dim + 1 :], dtype=np.int64)) if L.dim + 1 < len(shape) else 1
 
@@ -323,7 +398,7 @@ class CatRule(Rule):
                 keys = set(an.channel_keys(P).tolist())
                 fresh.append(an.aligned_space(P, node) if keys & seen else None)
                 seen |= keys
-            an.info[node] = {"kind": "channels", "parts": parts, "fresh": fresh}
+            an.record(node, CatChannels(tuple(parts), tuple(fresh)))
             return cat_layouts([F or P for P, F in zip(parts, fresh)], dim)
         first, partner = None, next(t for L, t in zip(lays, tensors) if L is not None)
         for L, t in zip(lays, tensors):
@@ -334,15 +409,15 @@ class CatRule(Rule):
                 first = L
             else:
                 an.couple(first, L, node)
-        an.info[node] = {"kind": "other", "parts": [an.layout_of(t) for t in tensors], "first": first}
+        an.record(node, CatOther())
         return first
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
+        facts = ex.facts(node)
         tensors = node.args[0]
-        if info["kind"] == "channels":
-            TIs = [ex.tin(t, L) for t, L in zip(tensors, info["parts"])]
-            TIs = [T if F is None else ex.aligned_teacher(P, T, F) for T, P, F in zip(TIs, info["parts"], info["fresh"])]
+        if isinstance(facts, CatChannels):
+            TIs = [ex.tin(t, L) for t, L in zip(tensors, facts.parts)]
+            TIs = [T if F is None else ex.aligned_teacher(P, T, F) for T, P, F in zip(TIs, facts.parts, facts.fresh)]
             ex.emit_copy(node, ex.rekey(cat_teacher(TIs, TIs[0].dim)))
         else:
             ex.emit_copy(node, next(ex.tl[t] for t in tensors if ex.tl.get(t) is not None))
@@ -391,19 +466,18 @@ class ReduceRule(Rule):
             raise RuleError(f"reduction '{node.name}' receives a channel dim split across dims.")
         dims, keep = self._dims(node)
         if L.dim in dims:
-            an.info[node] = {"kind": "channels", "in": L}
+            an.record(node, ChannelsIn(L))
             return None
-        an.info[node] = {"kind": "other"}
+        an.record(node, ReduceOther())
         return L if keep else L.with_dim(L.dim - sum(d < L.dim for d in dims))
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
+        facts = ex.facts(node)
         TI = ex.tl[node.args[0]]
-        if info["kind"] == "other":
-            lay = ex.an.layouts[node]
-            ex.emit_copy(node, TI.take(slice(None), dim=lay.dim))
+        if isinstance(facts, ReduceOther):
+            ex.emit_copy(node, TI.take(slice(None), dim=ex.layout(node).dim))
             return
-        L = info["in"]
+        L = facts.inp
         shape = [1] * len(node.args[0].meta["gpdc.shape"])
         shape[TI.dim] = TI.width
         w = torch.as_tensor(ex.fanin_scale(TI), dtype=torch.float32).view(shape)
@@ -433,7 +507,7 @@ class NormReduceRule(ReduceRule):
 
     def analyze(self, node: fx.Node, an):
         out = super().analyze(node, an)
-        if an.info[node]["kind"] == "channels":
+        if isinstance(an.facts(node), ChannelsIn):
             raise RuleError(f"node '{node.name}' takes a norm over the channel dim; gpdc supports sums and means there.")
         return out
 

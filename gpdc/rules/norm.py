@@ -9,6 +9,8 @@ channel once (``gpdc.weighted_norm``); with uniform copies a plain LayerNorm doe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -20,7 +22,15 @@ from ..errors import RuleError
 from ..layout import Layout
 from ..weighted_norm import WeightedGroupNorm, WeightedLayerNorm, weighted_group_norm, weighted_layer_norm
 from .params import follow
+from .context import ChannelsIn
 from .registry import Rule, register_function_rule, register_module_rule
+
+
+@dataclass(frozen=True)
+class PerHeadNorm:
+    """A layer norm over dims that hold no channels (a q/k norm over the head size): it acts per channel."""
+
+    inp: Layout
 
 
 class BatchNormRule(Rule):
@@ -31,12 +41,12 @@ class BatchNormRule(Rule):
             L = an.pinned_layout(node, 1, m.num_features, "input that is not widened")
         if not isinstance(L, Layout) or L.dim != 1:
             raise RuleError(f"BatchNorm '{node.target}' expects its channels in dim 1.")
-        an.info[node] = {"in": L}
+        an.record(node, ChannelsIn(L))
         return L
 
     def expand(self, node: fx.Node, ex) -> None:
         m = ex.an.module(node)
-        L = ex.an.info[node]["in"]
+        L = ex.facts(node).inp
         TI = ex.tin(node.args[0], L)
         pos = torch.as_tensor(ex.student_pos(L, TI))
         params = {k: p.detach().index_select(0, pos) for k, p in m.named_parameters(recurse=False)}
@@ -76,7 +86,7 @@ class LayerNormRule(Rule):
         shape = tuple(m.normalized_shape) if m is not None else tuple(_arg(node, 1, "normalized_shape"))
         nd = len(x.meta["gpdc.shape"])
         if isinstance(L, Layout) and L.dim < nd - len(shape):  # e.g. a q/k norm over the head size: per head
-            an.info[node] = {"in": L, "per_channel": True}
+            an.record(node, PerHeadNorm(L))
             return L
         if not isinstance(L, Layout) or L.dim != nd - 1 or len(shape) != 1:
             raise RuleError(
@@ -89,13 +99,13 @@ class LayerNormRule(Rule):
                 if isinstance(p, fx.Node) and follow(p, L.with_dim(0), x, an) is None:
                     raise RuleError(f"the {name} of layer norm {node_label(node)} is not a parameter of the model; "
                                     "gpdc cannot widen it.")
-        an.info[node] = {"in": L}
+        an.record(node, ChannelsIn(L))
         return L
 
     def expand(self, node: fx.Node, ex) -> None:
-        L = ex.an.info[node]["in"]
+        L = ex.facts(node).inp
         TI = ex.tin(node.args[0], L)
-        if ex.an.info[node].get("per_channel"):
+        if isinstance(ex.facts(node), PerHeadNorm):
             return self._unchanged(node, ex, TI)
         w = _stat_weight(ex, TI, L.width)
         uniform = bool(np.allclose(w, w[0]))
@@ -151,11 +161,11 @@ class GroupNormRule(Rule):
                 p = _arg(node, i, name)
                 if isinstance(p, fx.Node) and follow(p, L.with_dim(0), x, an) is None:
                     raise RuleError(f"the {name} of group norm {node_label(node)} is not a parameter of the model.")
-        an.info[node] = {"in": L}
+        an.record(node, ChannelsIn(L))
         return L
 
     def expand(self, node: fx.Node, ex) -> None:
-        L = ex.an.info[node]["in"]
+        L = ex.facts(node).inp
         TI = ex.tin(node.args[0], L)
         m = ex.an.module(node)
         G = m.num_groups if m is not None else _arg(node, 1, "num_groups")

@@ -11,6 +11,8 @@ running the chain of ops on a tensor of element indices (no assumption about nam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -81,22 +83,15 @@ def follow(node: fx.Node, L: Layout, partner: fx.Node, an) -> Layout | None:
     if any(k is None for k in dims):
         raise RuleError(f"parameter '{chain[0].target}' meets widened channels, but a reshape on its way mixes its "
                         "channel dim with other dims; reshape it so the channel dim stays one dim.")
-    first = an.info.get(chain[0], {}).get("partner")
+    first = an.facts(chain[0])
     if first is not None:  # a parameter used twice: both uses must see the same channels
-        if an.info[chain[0]]["dim"] != d:
+        if first.dim != d:
             raise RuleError(f"parameter '{chain[0].target}' meets widened channels along two different dims.")
-        an.couple(an.layouts[chain[0]], L.with_dim(d), partner)
+        an.couple(an.layout_of(chain[0]), L.with_dim(d), partner)
     for n, k in zip(chain, dims):
-        if n not in an.info:
-            an.layouts[n] = L.with_dim(k)
-            an.rules[n] = FOLLOW
-            an.info[n] = {}
-    if first is None:
-        an.info[chain[0]] = {"partner": partner, "dim": d}
-    if all(len(n.users) == 1 for n in chain):  # after the partner in graph order, to follow its teacher layout
-        consumer = next(iter(chain[-1].users))
-        for n in chain:
-            consumer.prepend(n)
+        if an.facts(n) is None:
+            an.assign(n, L.with_dim(k), FOLLOW)
+            an.record(n, Follows(partner, d) if n is chain[0] else ShapeOfFollower())
     return L
 
 
@@ -122,32 +117,46 @@ def _is_param(gm: nn.Module, target: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Follows:
+    """A parameter that takes the channels of ``partner`` along its dim ``dim``."""
+
+    partner: fx.Node
+    dim: int
+
+
+@dataclass(frozen=True)
+class ShapeOfFollower:
+    """A shape-only op on the way from a following parameter to where it meets the channels."""
+
+
 class FollowRule(Rule):
-    """Expand a following parameter (get_attr) and the shape-only ops applied to it."""
+    """Expand a following parameter (get_attr) and the shape-only ops applied to it. ``follow`` assigns their
+    layouts when the parameter meets the channels; ``SinkParameterChains`` (``passes/sink.py``) has put each such
+    chain just before its consumer, so the partner's teacher layout is known when the chain expands."""
 
     def analyze(self, node: fx.Node, an):  # layouts are assigned by follow()
-        return an.layouts.get(node)
+        return an.layout_of(node)
 
     def expand(self, node: fx.Node, ex) -> None:
         if node.op != "get_attr":
             TI = ex.tl[node.args[0]]
-            TO = TI.take(slice(None), dim=ex.an.layouts[node].dim)
+            TO = TI.take(slice(None), dim=ex.layout(node).dim)
             ex.emit_copy(node, TO, args=patch_shape(node, TO, ex) if is_reshape(node) else None)
             return
-        info = ex.an.info[node]
-        L = ex.an.layouts[node]
-        partner = ex.tl.get(info["partner"])
+        facts: Follows = ex.facts(node)
+        L = ex.layout(node)
+        partner = ex.tl.get(facts.partner)
         if partner is None and len(L.spaces()) > 1:
             raise RuleError(f"parameter '{node.target}' follows channels of several spaces but is used before them; "
                             "use it only after the activation it is combined with.")
-        T = partner.take(slice(None), dim=info["dim"]) if partner is not None else ex.canonical(L.with_dim(info["dim"]))
-        p = ex.gm.get_parameter(node.target)
+        T = partner.take(slice(None), dim=facts.dim) if partner is not None else ex.canonical(L.with_dim(facts.dim))
         pos = torch.as_tensor(ex.student_pos(L, T))
-        ex.attrs[node.target] = nn.Parameter(p.detach().index_select(info["dim"], pos).clone(), requires_grad=p.requires_grad)
-        ex.param_map.add(node.target, node.target, index={info["dim"]: T.positions_of(ex.keys(L))})
+        ex.set_parameter(node.target, ex.parameter(node.target).detach().index_select(facts.dim, pos),
+                         index={facts.dim: T.positions_of(ex.keys(L))})
         ex.env[node] = ex.graph.get_attr(node.target)
         ex.tl[node] = T
-        ex.log(node, f"parameter follows the channels of '{info['partner'].name}': {L.width}->{T.width} along dim {info['dim']}")
+        ex.log(node, f"parameter follows the channels of '{facts.partner.name}': {L.width}->{T.width} along dim {facts.dim}")
 
 
 FOLLOW = FollowRule()

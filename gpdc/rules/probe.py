@@ -535,6 +535,25 @@ def _lined_up(T: TeacherLayout, TO: TeacherLayout) -> bool:
     return np.array_equal(T.keys, TO.keys) and np.array_equal(T.copy, TO.copy)
 
 
+@dataclass(frozen=True)
+class Field:
+    """``getattr`` of a field of a tuple output that carries channels (``x.max(dim=-1).values``)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Probed:
+    """An op the probe found acts on each channel alike: the reference input, every input with its mapped dim,
+    the input-independent tensors gathered to the channels, and where each output carries them."""
+
+    ref: _Leaf
+    leaves: tuple
+    gathers: dict
+    specs: tuple
+    op: str
+
+
 class ProbedRule(Rule):
     """The rule ``find_rule`` falls back to for ops without one (see the module docs)."""
 
@@ -544,7 +563,7 @@ class ProbedRule(Rule):
     def analyze(self, node: fx.Node, an):
         field = _field(node, an)
         if field is not None:
-            an.info[node] = {"field": field}
+            an.record(node, Field(field))
             return an.layout_of(node.args[0])[field]
         widths = {lay.width for lay in flatten_layouts(an.layout_of((node.args, node.kwargs)))
                   if isinstance(lay, Layout) and lay.width > 1}
@@ -563,7 +582,7 @@ class ProbedRule(Rule):
             return run_at_student_width(node, an, reason, *((ref.node, spec[1]) if keeps else ()))
         gathers = _couple(node, an, leaves, ref)
         op = _describe(node, an)[0]
-        an.info[node] = {"ref": ref, "leaves": leaves, "gathers": gathers, "specs": specs, "op": op}
+        an.record(node, Probed(ref, tuple(leaves), gathers, specs, op))
         return _restructure(node.meta["gpdc.shape"], (_student_out(ref.layout, s) for s in specs))
 
     def _verdict(self, node: fx.Node, an, leaves: list[_Leaf], C: int):
@@ -575,21 +594,21 @@ class ProbedRule(Rule):
         return self.verdicts[key]
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        if isinstance(info, StudentWidth):
+        facts = ex.facts(node)
+        if isinstance(facts, StudentWidth):
             expand_at_student_width(node, ex)
             return
-        if "field" in info:
-            ex.emit_copy(node, ex.tl[node.args[0]][info["field"]])
+        if isinstance(facts, Field):
+            ex.emit_copy(node, ex.tl[node.args[0]][facts.index])
             return
-        ref = info["ref"]
+        ref = facts.ref
         TO = _at(ex.tl[ref.node], ref.path)
-        mapped = {lf.node for lf in info["leaves"] if lf.dim is not None}
+        mapped = {lf.node for lf in facts.leaves if lf.dim is not None}
 
         def teacher_input(a: fx.Node):
             new, T = ex.env[a], ex.tl.get(a)
-            if a in info["gathers"]:
-                Lc = info["gathers"][a]
+            if a in facts.gathers:
+                Lc = facts.gathers[a]
                 ex.log(node, f"input-independent '{a.name}' gathered to the teacher's {TO.width} channels")
                 return ex.index_select(node, new, Lc.dim, ex.student_pos(Lc, TO))
             if a not in mapped or T is None:
@@ -605,10 +624,10 @@ class ProbedRule(Rule):
         args = fx.node.map_arg(node.args, teacher_input)
         kwargs = fx.node.map_arg(node.kwargs, teacher_input)
         if node.op == "call_module":
-            ex.modules[node.target] = ex.clone(ex.an.module(node))
+            ex.set_module(node.target, ex.clone(ex.an.module(node)))
         ex.env[node] = ex.graph.create_node(node.op, node.target, args, kwargs, node.name)
-        ex.tl[node] = _restructure(node.meta["gpdc.shape"], (_teacher_out(ex, TO, s) for s in info["specs"]))
-        ex.log(node, f"followed by probing: {info['op']} acts on each channel alike")
+        ex.tl[node] = _restructure(node.meta["gpdc.shape"], (_teacher_out(ex, TO, s) for s in facts.specs))
+        ex.log(node, f"followed by probing: {facts.op} acts on each channel alike")
 
 
 def _couple(node: fx.Node, an, leaves: list[_Leaf], ref: _Leaf) -> dict:

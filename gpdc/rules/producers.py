@@ -9,6 +9,7 @@ Under ``grow`` the old outputs read only the old inputs and the new rows are fre
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +50,37 @@ def dense_bias(ex, b: torch.Tensor, rows_student: np.ndarray, copy: np.ndarray) 
     return b
 
 
+@dataclass(frozen=True)
+class ChannelwiseLinear:
+    """A Linear over a dim that does not carry the channels: it acts on each channel alike."""
+
+    inp: Layout
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A layer mixing all its input channels into a new channel space."""
+
+    inp: Layout
+    out: Layout
+
+
+@dataclass(frozen=True)
+class Depthwise:
+    """One filter per channel: output channel c is input channel c filtered, so it widens like it."""
+
+    inp: Layout
+    out: Layout  # an aligned space (``an.aligned_space``)
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """Channels mixed within groups: each group widens by whole teacher groups."""
+
+    inp: Layout
+    out: Layout
+
+
 class DenseRule(Rule):
     """Conv (any groups) and Linear: open a new channel space for the output."""
 
@@ -69,96 +101,101 @@ class DenseRule(Rule):
             raise RuleError(f"layer '{node.target}' receives a tensor whose channel dim is split across dims; reshape it back first.")
         if L.dim != cdim:
             if is_linear:  # a Linear over a non-channel dim acts channel-wise
-                an.info[node] = {"kind": "channelwise", "in": L}
+                an.record(node, ChannelwiseLinear(L))
                 return L
             raise RuleError(f"layer '{node.target}' expects channels in dim {cdim}, but its input carries them in dim {L.dim}.")
         groups = 1 if is_linear else m.groups
         if groups == 1:
-            kind, out = "dense", Layout.of_space(cdim, an.new_space(cout, node), cout)
+            facts = Dense(L, Layout.of_space(cdim, an.new_space(cout, node), cout))
         elif groups == cin == cout:  # output channel c is input channel c filtered: widens like it
-            kind, out = "depthwise", an.aligned_space(L, node)
+            facts = Depthwise(L, an.aligned_space(L, node))
         else:
-            kind, out = "grouped", Layout.of_space(cdim, an.new_space(cout, node), cout)
             if np.any(L.sub):
                 raise RuleError(f"grouped conv '{node.target}' receives flattened features; not supported.")
-            an.set_quantum(out, cout // groups, node)
+            facts = Grouped(L, Layout.of_space(cdim, an.new_space(cout, node), cout))
+            an.set_quantum(facts.out, cout // groups, node)
             an.set_quantum(L, cin // groups, node)
-        an.info[node] = {"kind": kind, "in": L, "out": out}
-        return out
+        an.record(node, facts)
+        return facts.out
 
     def expand(self, node: fx.Node, ex) -> None:
-        m = ex.an.module(node)
-        info = ex.an.info[node]
-        L = info["in"]
-        TI = ex.tin(node.args[0], L)
-        x = ex.arg(node.args[0])
-        kind = info["kind"]
-        if kind == "channelwise":
-            ex.emit_module(node, ex.clone(m), x, layout=TI)
-            ex.share_unchanged(node.target, m)
-            return
-        has_bias = getattr(m, "bias", None) is not None
-        if kind == "dense":
-            Lout = info["out"]
-            TO = ex.canonical(Lout)
-            cols = ex.student_pos(L, TI)
-            o, i = self.out_dim, 1 - self.out_dim
-            w = dense_weight(ex, m.weight.transpose(0, o), TO.index, TO, cols, ex.fanin_scale(TI)).transpose(0, o)
-            params = {"weight": w}
-            if has_bias:
-                params["bias"] = dense_bias(ex, m.bias, TO.index, TO.copy)
-            attrs = {"in_features": TI.width, "out_features": TO.width} if isinstance(m, nn.Linear) else {
-                "in_channels": TI.width, "out_channels": TO.width}
-            ex.emit_module(node, ex.clone(m, params=params, **attrs), x, layout=TO)
-            rows = TO.positions_of(ex.keys(Lout))
-            in_pos = TI.positions_of(ex.keys(L))
-            colscale = ex.fanin_scale(TI)[in_pos]
-            ex.share(node.target, "weight", index={o: rows, i: in_pos}, scale={i: 1.0 / colscale})
-            if has_bias:
-                ex.share(node.target, "bias", index={0: rows})
-            ex.log(node, f"{kind}: {L.width}->{TI.width} in, {Lout.width}->{TO.width} out")
-            return
-        if kind == "depthwise":
-            TO = ex.aligned_teacher(L, TI, info["out"])
-            pos = torch.as_tensor(ex.student_pos(L, TI))
-            params = {"weight": m.weight.detach().index_select(0, pos)}
-            if has_bias:
-                params["bias"] = m.bias.detach().index_select(0, pos)
-            new = ex.clone(m, params=params, in_channels=TI.width, out_channels=TI.width, groups=TI.width)
-            ex.emit_module(node, new, x, layout=TO)
-            rows = TI.positions_of(ex.keys(L))
-            ex.share(node.target, "weight", index={0: rows})
-            if has_bias:
-                ex.share(node.target, "bias", index={0: rows})
-            ex.log(node, f"depthwise: {L.width}->{TI.width} channels")
-            return
-        # grouped: teacher group t computes student group sigma(t) from one copy of its inputs
-        Lout = info["out"]
-        TO = ex.canonical(Lout)
-        a, b = m.in_channels // m.groups, m.out_channels // m.groups
-        tgroups = TO.width // b
-        in_keys = ex.keys(L)
-        gather = []
-        for t in range(tgroups):
-            sigma, c = TO.index[t * b] // b, TO.copy[t * b]
-            want = in_keys[sigma * a : (sigma + 1) * a]
-            have = c if np.isin(want, TI.keys[TI.copy == c]).all() else 0
-            gather.append(TI.positions_of(want, copy=have))
-        gather = np.concatenate(gather)
-        if not np.array_equal(gather, np.arange(TI.width)):
-            x = ex.index_select(node, x, 1, gather)
-            ex.log(node, f"grouped conv reads {len(gather)} of {TI.width} input channels through a gather")
-        rows = torch.as_tensor(TO.index)
-        params = {"weight": m.weight.detach().index_select(0, rows)}
-        if has_bias:
-            params["bias"] = m.bias.detach().index_select(0, rows)
-        new = ex.clone(m, params=params, in_channels=len(gather), out_channels=TO.width, groups=tgroups)
-        ex.emit_module(node, new, x, layout=TO)
-        out_rows = TO.positions_of(ex.keys(Lout))
-        ex.share(node.target, "weight", index={0: out_rows})
-        if has_bias:
-            ex.share(node.target, "bias", index={0: out_rows})
-        ex.log(node, f"grouped conv: {m.groups}->{tgroups} groups, {Lout.width}->{TO.width} out")
+        facts = ex.facts(node)
+        _EXPAND[type(facts)](self, node, ex, ex.an.module(node), facts)
+
+
+def _expand_channelwise(rule: DenseRule, node: fx.Node, ex, m: nn.Module, facts: ChannelwiseLinear) -> None:
+    ex.emit_module(node, ex.clone(m), ex.arg(node.args[0]), layout=ex.tin(node.args[0], facts.inp))
+    ex.share_unchanged(node.target, m)
+
+
+def _expand_dense(rule: DenseRule, node: fx.Node, ex, m: nn.Module, facts: Dense) -> None:
+    L, Lout = facts.inp, facts.out
+    TI, TO = ex.tin(node.args[0], L), ex.canonical(Lout)
+    cols = ex.student_pos(L, TI)
+    o, i = rule.out_dim, 1 - rule.out_dim
+    params = {"weight": dense_weight(ex, m.weight.transpose(0, o), TO.index, TO, cols, ex.fanin_scale(TI)).transpose(0, o)}
+    if m.bias is not None:
+        params["bias"] = dense_bias(ex, m.bias, TO.index, TO.copy)
+    attrs = {"in_features": TI.width, "out_features": TO.width} if isinstance(m, nn.Linear) else {
+        "in_channels": TI.width, "out_channels": TO.width}
+    ex.emit_module(node, ex.clone(m, params=params, **attrs), ex.arg(node.args[0]), layout=TO)
+    rows, in_pos = TO.positions_of(ex.keys(Lout)), TI.positions_of(ex.keys(L))
+    colscale = ex.fanin_scale(TI)[in_pos]
+    ex.share(node.target, "weight", index={o: rows, i: in_pos}, scale={i: 1.0 / colscale})
+    if m.bias is not None:
+        ex.share(node.target, "bias", index={0: rows})
+    ex.log(node, f"dense: {L.width}->{TI.width} in, {Lout.width}->{TO.width} out")
+
+
+def _expand_depthwise(rule: DenseRule, node: fx.Node, ex, m: nn.Module, facts: Depthwise) -> None:
+    L = facts.inp
+    TI = ex.tin(node.args[0], L)
+    TO = ex.aligned_teacher(L, TI, facts.out)
+    pos = torch.as_tensor(ex.student_pos(L, TI))
+    params = {"weight": m.weight.detach().index_select(0, pos)}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach().index_select(0, pos)
+    new = ex.clone(m, params=params, in_channels=TI.width, out_channels=TI.width, groups=TI.width)
+    ex.emit_module(node, new, ex.arg(node.args[0]), layout=TO)
+    rows = TI.positions_of(ex.keys(L))
+    ex.share(node.target, "weight", index={0: rows})
+    if m.bias is not None:
+        ex.share(node.target, "bias", index={0: rows})
+    ex.log(node, f"depthwise: {L.width}->{TI.width} channels")
+
+
+def _expand_grouped(rule: DenseRule, node: fx.Node, ex, m: nn.Module, facts: Grouped) -> None:
+    """Teacher group t computes student group sigma(t) from one copy of its inputs."""
+    L, Lout = facts.inp, facts.out
+    TI, TO = ex.tin(node.args[0], L), ex.canonical(Lout)
+    x = ex.arg(node.args[0])
+    a, b = m.in_channels // m.groups, m.out_channels // m.groups
+    in_keys = ex.keys(L)
+    gather = []
+    for t in range(TO.width // b):
+        sigma, c = TO.index[t * b] // b, TO.copy[t * b]
+        want = in_keys[sigma * a : (sigma + 1) * a]
+        have = c if np.isin(want, TI.keys[TI.copy == c]).all() else 0
+        gather.append(TI.positions_of(want, copy=have))
+    gather = np.concatenate(gather)
+    if not np.array_equal(gather, np.arange(TI.width)):
+        x = ex.index_select(node, x, 1, gather)
+        ex.log(node, f"grouped conv reads {len(gather)} of {TI.width} input channels through a gather")
+    rows = torch.as_tensor(TO.index)
+    params = {"weight": m.weight.detach().index_select(0, rows)}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach().index_select(0, rows)
+    new = ex.clone(m, params=params, in_channels=len(gather), out_channels=TO.width, groups=TO.width // b)
+    ex.emit_module(node, new, x, layout=TO)
+    out_rows = TO.positions_of(ex.keys(Lout))
+    ex.share(node.target, "weight", index={0: out_rows})
+    if m.bias is not None:
+        ex.share(node.target, "bias", index={0: out_rows})
+    ex.log(node, f"grouped conv: {m.groups}->{TO.width // b} groups, {Lout.width}->{TO.width} out")
+
+
+_EXPAND = {ChannelwiseLinear: _expand_channelwise, Dense: _expand_dense, Depthwise: _expand_depthwise,
+           Grouped: _expand_grouped}
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
@@ -173,7 +210,7 @@ class TransposedConvRule(DenseRule):
 
     def analyze(self, node: fx.Node, an):
         out = super().analyze(node, an)
-        if an.info[node]["kind"] == "grouped":
+        if isinstance(an.facts(node), Grouped):
             raise RuleError(f"grouped transposed conv '{node.target}' is not supported (dense or depthwise only); keep "
                             "the layers around it at ratio 1 with expand.layers.")
         return out
@@ -188,17 +225,17 @@ class StdConvRule(DenseRule):
 
     def analyze(self, node: fx.Node, an):
         out = super().analyze(node, an)
-        if an.info[node]["kind"] == "grouped":
+        if isinstance(an.facts(node), Grouped):
             raise RuleError(f"grouped weight-standardised conv '{node.target}' is not supported (dense or depthwise only).")
         return out
 
     def expand(self, node: fx.Node, ex) -> None:
-        info = ex.an.info[node]
-        if info["kind"] != "dense":
+        facts = ex.facts(node)
+        if not isinstance(facts, Dense):
             return super().expand(node, ex)
         m = ex.an.module(node)
-        L, Lout = info["in"], info["out"]
-        TI, TO = ex.tin(node.args[0], L), ex.canonical(info["out"])
+        L, Lout = facts.inp, facts.out
+        TI, TO = ex.tin(node.args[0], L), ex.canonical(Lout)
         cols = ex.student_pos(L, TI)
         scale = ex.fanin_scale(TI)
         w = dense_weight(ex, m.weight, TO.index, TO, cols, (scale > 0).astype(np.float64))  # raw, unscaled

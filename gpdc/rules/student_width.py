@@ -54,7 +54,7 @@ def run_at_student_width(node: fx.Node, an, reason: str, ref: fx.Node | None = N
         raise RuleError(f"node {node_label(node)} cannot be widened: {reason}.{src}"
                         + ("" if gatherable(node, an) else " It cannot run at the student's width either: it receives "
                            "a tuple of tensors that carry channels, or a channel dim split across dims."))
-    an.info[node] = StudentWidth(reason, ref, dim)
+    an.record(node, StudentWidth(reason, ref, dim))
     return None if ref is None else an.layout_of(ref).with_dim(dim)
 
 
@@ -102,13 +102,13 @@ class StudentInputs:
 
 
 def expand_at_student_width(node: fx.Node, ex) -> None:
-    facts: StudentWidth = ex.an.info[node]
+    facts: StudentWidth = ex.facts(node)
     student_input = StudentInputs(node, ex)
     args = fx.node.map_arg(node.args, student_input)
     kwargs = fx.node.map_arg(node.kwargs, student_input)
     if node.op == "call_module":
         m = ex.an.module(node)
-        ex.modules[node.target] = copy.deepcopy(m)
+        ex.set_module(node.target, copy.deepcopy(m))
         ex.share_unchanged(node.target, m)
     out = ex.graph.create_node(node.op, node.target, args, kwargs, node.name)
     if facts.ref is None:
