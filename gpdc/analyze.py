@@ -71,6 +71,9 @@ class ChannelAnalysis:
         self.gm = gm
         self.free_patterns = list(free_outputs)
         self.unwidenable = unwidenable  # expand.unwidenable: run such ops at the student's width, or stop
+        from .rules.integrations import register_integrations  # noqa: PLC0415 (the rules build on this module)
+
+        register_integrations()
         self.modules = dict(gm.named_modules())
         self.at_student_width: dict[fx.Node, str] = {}  # reshapes whose split channels no consumer can take
         for _ in range(len(gm.graph.nodes)):

@@ -239,6 +239,9 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor | tuple) -> None:
 
 def trace(model: nn.Module, input_shape, leaf_modules=(), leaf_functions=()) -> fx.GraphModule:
     """Trace ``model`` concretely on a random input of ``input_shape`` and propagate shapes for it."""
+    from .rules import register_integrations  # noqa: PLC0415 (the rules build on this module)
+
+    register_integrations()
     params = model.parameters() if isinstance(model, nn.Module) else iter(())
     example = torch.randn(*input_shape, dtype=next((p.dtype for p in params), torch.float32))
     gm = symbolic_trace(model, leaf_modules, leaf_functions, example)

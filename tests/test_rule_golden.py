@@ -147,7 +147,7 @@ def test_every_rule_has_a_golden_case():
     assert not missing, f"rule classes without a golden case in tests/test_rule_golden.py: {missing}"
 
 
-@pytest.mark.parametrize("ratio,strategy", [(2.0, "replicate"), (1.5, "grow")])
+@pytest.mark.parametrize("ratio,strategy", [(2.0, "replicate"), pytest.param(1.5, "grow", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("rule", list(GOLDEN), ids=lambda c: c.__name__)
 def test_rule_fires_widens_stays_exact_and_exports(rule, ratio, strategy, tmp_path):
     op, facts_types = GOLDEN[rule]

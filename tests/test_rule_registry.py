@@ -156,10 +156,20 @@ def test_every_integration_has_a_case_that_fires_it():
 
 
 @pytest.mark.parametrize("entry", INTEGRATIONS, ids=lambda e: f"{e.kind}:{e.target}")
-def test_integration_is_registered_after_import(entry):
+def test_integration_is_registered_once_gpdc_traces(entry):
     if not entry.installed:
         pytest.skip(f"{entry.library} is not installed")
+    gpdc.trace(nn.Conv2d(3, 4, 1), [1, 3, 4, 4])
     assert _registered(entry) is (entry.rule if entry.rule is not None else True)
+
+
+def test_importing_gpdc_imports_no_model_code_and_a_users_rule_wins():
+    code = ("import sys, gpdc, torch; assert 'torchvision.models' not in sys.modules, 'imported'; "
+            "from timm.layers.attention import Attention; r = gpdc.rules.elementwise.ChannelwiseRule(); "
+            "gpdc.register_module_rule(Attention, r); gpdc.trace(torch.nn.Conv2d(3, 4, 1), [1, 3, 4, 4]); "
+            "assert gpdc.rules.registry.module_rule(Attention) is r")
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("target", CASES)

@@ -20,8 +20,9 @@ from .attention import TimmAttentionRule, WindowAttentionRule
 from .elementwise import ChannelwiseRule
 from .movement import MoveRule, SpaceToChannelsRule
 from .producers import StdConvRule
-from .registry import Rule, register_function_rule, register_module_rule
+from .registry import _FUNCTION_RULES, _MODULE_RULES, Rule, register_function_rule, register_module_rule
 
+_TABLES = {"module rule": _MODULE_RULES, "function rule": _FUNCTION_RULES}
 _APPLY = {
     "module rule": register_module_rule,
     "function rule": register_function_rule,
@@ -111,7 +112,11 @@ INTEGRATIONS: tuple[Integration, ...] = (
 
 
 def register_integrations() -> None:
-    """Apply the table (skipping libraries that are not installed); applying it again changes nothing."""
+    """Apply the table, skipping libraries that are not installed and targets that already have a rule (one a user
+    registered wins); applying it again changes nothing. gpdc applies it when it first traces or analyses a model
+    (and for ``gpdc rules``), so importing gpdc does not import torchvision's and timm's model code."""
     for entry in INTEGRATIONS:
         if entry.installed:
-            _APPLY[entry.kind](entry.resolve(), entry.rule)
+            target = entry.resolve()
+            if entry.rule is None or _TABLES[entry.kind].get(target) is None:
+                _APPLY[entry.kind](target, entry.rule)
