@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gpdc
 from gpdc.spec import TrainSpec
-from gpdc.train.step import Models, train_step
+from gpdc.train.step import Baseline, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,14 +31,14 @@ def build(kind: str, device, batch: int):
     static = torchvision.models.resnet34().to(device).eval().requires_grad_(False)
     student = torchvision.models.resnet18()
     if kind == "kd":
-        student.to(device)
-        return Models(list(student.parameters()), student, None, static), TrainSpec(gpd=False, kd="dkd")
+        cfg = TrainSpec(gpd=False, kd="dkd")
+        return Baseline(student, static, cfg).to(device), cfg
     spec = gpdc.load_spec(ROOT / "specs/r18.yaml").model_copy(update={"input_shape": [2, 3, 224, 224]})
     if kind == "gpd_no_branches":
         spec = spec.model_copy(update={"branches": spec.branches.model_copy(update={"kinds": []})})
     exp = gpdc.expand(student, spec)
-    exp.teacher.to(device), exp.student.to(device)
-    return Models(list(exp.teacher.parameters()), exp.student, exp.teacher, static), TrainSpec(kd="dkd")
+    cfg = TrainSpec(kd="dkd")
+    return gpdc.GPD(exp, static, cfg).to(device), cfg
 
 
 def sync(device):
@@ -47,22 +47,21 @@ def sync(device):
 
 
 def measure(kind: str, device, batch: int, steps: int) -> dict:
-    models, cfg = build(kind, device, batch)
-    opt = torch.optim.SGD(models.params, lr=0.01, momentum=0.9)
+    model, cfg = build(kind, device, batch)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    for m in (models.student, models.teacher):
-        if m is not None:
-            m.train()
+    model.train()
     with FlopCounterMode(display=False) as fc:
-        train_step(models, cfg, x, y, opt)
+        train_step(model, params, cfg, x, y, opt)
     flops = fc.get_total_flops()
     for _ in range(2):
-        train_step(models, cfg, x, y, opt)
+        train_step(model, params, cfg, x, y, opt)
     sync(device)
     t = time.perf_counter()
     for _ in range(steps):
-        train_step(models, cfg, x, y, opt)
+        train_step(model, params, cfg, x, y, opt)
     sync(device)
     sec = (time.perf_counter() - t) / steps
     return {"kind": kind, "batch": batch, "step_seconds": sec, "samples_per_second": batch / sec, "flops_per_step": flops}

@@ -10,7 +10,11 @@ training starts.
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
+from contextlib import contextmanager
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
@@ -38,5 +42,29 @@ class SharedStudent(nn.Module):
         """The student's parameters, computed from the teacher's current ones (differentiable)."""
         return self.param_map.read_all(dict(self.teacher.named_parameters()), self.balanced_grad)
 
+    @contextmanager
+    def inside_gpd(self):
+        """Calls made by ``gpdc.GPD``, whose one backward DDP sees whole."""
+        self._in_gpd = True
+        try:
+            yield
+        finally:
+            self._in_gpd = False
+
     def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and not getattr(self, "_in_gpd", False) and _distributed():
+            _warn_outside_gpd()
         return functional_call(self.net, self.shared_parameters(), args, kwargs, strict=False)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+@functools.cache
+def _warn_outside_gpd() -> None:
+    warnings.warn("the shared student is trained in a distributed run outside gpdc.GPD: its gradients reach the "
+                  "teacher's parameters outside DistributedDataParallel's forward, are never all-reduced, and the "
+                  "ranks drift apart. Wrap gpdc.GPD(expansion) in DistributedDataParallel and backward its .loss "
+                  "instead (README, 'Your own loop').", UserWarning, stacklevel=3)

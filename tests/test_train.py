@@ -16,7 +16,7 @@ import gpdc
 from gpdc.spec import TrainSpec
 from gpdc.train.loop import train
 from gpdc.train.losses import dkd, hinton_kd, soft_cross_entropy
-from gpdc.train.step import Models, train_step
+from gpdc.train.step import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = str(ROOT / "examples/digits/student.py")
@@ -64,7 +64,8 @@ def test_one_step_moves_shared_slice_by_both_gradients(strategy, grad):
     exp = gpdc.expand(model, {"input_shape": [2, 1, 6, 6], "expand": {"ratio": 1.5, "strategy": strategy}})
     exp.teacher.double()
     exp.student.balanced_grad = grad == "balanced"
-    cfg = TrainSpec(lr=1.0, momentum=0.0, weight_decay=0.0, clip_grad=None, kd="none", sce_weight=3.0)
+    cfg = TrainSpec(lr=1.0, momentum=0.0, weight_decay=0.0, clip_grad=None, kd="none", sce_weight=3.0,
+                    student_grad=grad)
     x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     params = list(exp.teacher.parameters())
     before = [p.detach().clone() for p in params]
@@ -90,7 +91,7 @@ def test_one_step_moves_shared_slice_by_both_gradients(strategy, grad):
             continue
         g_s[id(p)] += _scatter(g, src, p, grad)
     optimizer = torch.optim.SGD(params, lr=1.0)
-    train_step(Models(params, exp.student, exp.teacher), cfg, x, y, optimizer)
+    train_step(gpdc.GPD(exp, train=cfg), params, cfg, x, y, optimizer)
     for p, b, gd in zip(params, before, g_d):
         want = b - ((gd if gd is not None else 0) + g_s[id(p)])
         torch.testing.assert_close(p.detach(), want, rtol=1e-9, atol=1e-12)

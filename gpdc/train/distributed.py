@@ -1,8 +1,8 @@
 """torch.distributed for ``torchrun -m gpdc train``: gloo on CPU, nccl on CUDA; rank 0 writes.
 
-Gradients are averaged by hand after both backward passes of a GPD step (the student's loss
-reaches the teacher's parameters through a second backward, which DDP's one-backward-per-forward
-hooks do not fit); buffers are broadcast from rank 0 after each step like DDP does.
+The objective (``gpdc.GPD``: teacher and student losses summed, one backward) is wrapped in standard
+DistributedDataParallel, which all-reduces the gradients and broadcasts the buffers; this module only
+sets up the process group and sums evaluation counts.
 """
 
 from __future__ import annotations
@@ -30,23 +30,6 @@ def init() -> tuple[int, int, torch.device]:
 
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def average_gradients(params) -> None:
-    if world() == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world()
-
-
-def broadcast_buffers(*modules) -> None:
-    if world() == 1:
-        return
-    for m in modules:
-        for b in m.buffers():
-            dist.broadcast(b, 0)
 
 
 def all_sum(values: list[float], device) -> list[float]:

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ..atomic import atomic_write
 from ..errors import GpdcError
 from ..expansion import expand
+from ..gpd import GPD
 from ..export import check_onnx, export_onnx
 from ..models import load_model, load_state_dict_strict
 from ..spec import Spec, TrainSpec, load_spec
@@ -29,7 +31,7 @@ from . import distributed
 from .data import Data, load_data
 from .ema import EMA
 from .plot import plot_gap
-from .step import Logits, Models, logits_of, train_step
+from .step import Baseline, Logits, logits_of, train_step
 
 
 def load_weights(model: nn.Module, path: str, what: str) -> None:
@@ -140,31 +142,26 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     if n_out != data.num_classes:
         raise GpdcError(f"the student has {n_out} outputs but {data.name} has {data.num_classes} classes; build the "
                         "model with a matching classifier.")
-    exp = None
+    exp, teacher = None, None
     if cfg.gpd:
         exp = expand(model, spec.model_copy(update={"input_shape": [2, *x0.shape[1:]]}))
-        exp.student.balanced_grad = cfg.student_grad == "balanced"
-        exp.teacher.to(device), exp.student.to(device)
+        objective = GPD(exp, static, cfg)
         student, teacher = (exp.student, exp.teacher) if logits is model else (
             Logits(exp.student, logits.path), Logits(exp.teacher, logits.path))
-        models = Models(list(exp.teacher.parameters()), student, teacher, static)
     else:
-        model.to(device)
-        models = Models(list(model.parameters()), logits, None, static)
-    if static is not None:
-        static.to(device)
-    optimizer = _optimizer(cfg, models.params)
+        objective = Baseline(logits, static, cfg)
+        student = logits
+    objective.to(device)
+    params = list(objective.parameters())
+    runner = objective if world == 1 else DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = _optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    ema = EMA(models.params, cfg.ema) if cfg.ema else None
+    ema = EMA(params, cfg.ema) if cfg.ema else None
     metrics: list[dict] = []
     start = 0
     if resume:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if exp is not None:
-            exp.teacher.load_state_dict(state["teacher"], strict=True)
-            exp.student.net.load_state_dict(state["student_buffers"], strict=True)
-        else:
-            model.load_state_dict(state["model"], strict=True)
+        objective.load_state_dict(state["objective"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
@@ -179,28 +176,26 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(data.train), generator=g)[rank::world]
-        for m in (exp.teacher, exp.student) if exp is not None else (model,):
-            m.train()
+        objective.train()
         sums: dict[str, float] = {}
         steps, step_time = 0, 0.0
         n_batches = math.ceil(len(order) / per_rank)
         task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=n_batches) if progress and rank == 0 else None
         for x, y in _batches(data.train, order, per_rank, device):
             ts = time.perf_counter()
-            losses = train_step(models, cfg, x, y, optimizer, ema)
+            losses = train_step(runner, params, cfg, x, y, optimizer, ema)
             step_time += time.perf_counter() - ts
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
-            distributed.broadcast_buffers(*((exp.teacher, exp.student.net) if exp is not None else (model,)))
             if task is not None:
                 progress.advance(task)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        swap = ema.swapped(models.params) if ema is not None else nullcontext()
+        swap = ema.swapped(params) if ema is not None else nullcontext()
         with swap:
-            student_acc = evaluate(models.student, data, rank, world, device)
-            teacher_acc = evaluate(models.teacher, data, rank, world, device) if exp is not None else None
+            student_acc = evaluate(student, data, rank, world, device)
+            teacher_acc = evaluate(teacher, data, rank, world, device) if teacher is not None else None
         row = {"epoch": epoch + 1, "student_acc": student_acc, "teacher_acc": teacher_acc, "static_acc": static_acc,
                **{k: v / max(steps, 1) for k, v in sums.items()}, "lr": lr_now,
                "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1)}
@@ -209,22 +204,18 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
             lines = "".join(json.dumps(m) + "\n" for m in metrics)
             atomic_write(out_dir / "metrics.jsonl", lambda p: Path(p).write_text(lines))
             state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)}
-            if exp is not None:
-                state |= {"teacher": exp.teacher.state_dict(), "student_buffers": exp.student.net.state_dict()}
-            else:
-                state |= {"model": model.state_dict()}
+                     "rng": torch.get_rng_state(), "metrics": json.dumps(metrics), "objective": objective.state_dict()}
             if ema is not None:
                 state["ema"] = ema.state_dict()
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
     if rank == 0 and last == cfg.epochs:
-        _finish(out_dir, exp, model, models, ema, data, spec, export, metrics)
+        _finish(out_dir, exp, model, params, ema, data, spec, export, metrics)
     distributed.barrier()
     return metrics
 
 
-def _finish(out_dir: Path, exp, model, models: Models, ema, data: Data, spec: Spec, export: bool, metrics) -> None:
-    swap = ema.swapped(models.params) if ema is not None else nullcontext()
+def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, export: bool, metrics) -> None:
+    swap = ema.swapped(params) if ema is not None else nullcontext()
     with swap:
         if exp is not None:
             exp.teacher.cpu(), exp.student.cpu()

@@ -1,22 +1,19 @@
-"""One training step, exactly as METHOD.md §4.
+"""One training step: one forward of the objective module, one backward, one optimiser step (METHOD.md §4).
 
-GPD: static teacher forward (no grad); dynamic teacher loss, backward; student loss on the same,
-not yet updated parameters, backward (gradients accumulate in the shared tensors); average across
-ranks; clip; one optimiser step; EMA. Without GPD the model trains alone (the baselines).
+The objective is ``gpdc.GPD`` (dynamic teacher + shared student) or, for the baselines, ``Baseline`` (the student
+alone, with KD from the static teacher when there is one); either may be wrapped in DistributedDataParallel, which
+then all-reduces every gradient and broadcasts the buffers like for any module.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..gpd import GPDOutput, kd_loss
 from ..outputs import LeafPath, logits_path, pick
 from ..spec import TrainSpec
-from . import distributed
-from .losses import dkd, hinton_kd, soft_cross_entropy
 
 
 class Logits(nn.Module):
@@ -41,45 +38,45 @@ def logits_of(model: nn.Module, x, key: str | None, what: str) -> nn.Module:
     return Logits(model, logits_path(out, key, what))
 
 
-@dataclass
-class Models:
-    params: list[nn.Parameter]  # what the optimiser updates
-    student: nn.Module  # the deployable model (shared student under GPD)
-    teacher: nn.Module | None = None  # the dynamic teacher (GPD only)
-    static: nn.Module | None = None  # the frozen static teacher (distill mode only)
+class Baseline(nn.Module):
+    """The student trained alone (cross-entropy, plus KD from the frozen static teacher if given): the baselines
+    GPD is compared with, behind the same ``forward(x, y)`` as ``gpdc.GPD``."""
+
+    def __init__(self, student: nn.Module, static_teacher: nn.Module | None, cfg: TrainSpec):
+        super().__init__()
+        self.student, self.cfg = student, cfg
+        self._static = (static_teacher,)  # not a parameter, not in the state_dict
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._static[0] is not None:
+            self._static[0]._apply(fn)
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
+        z = self.student(x)
+        parts = {"student_ce": F.cross_entropy(z, y)}
+        if self._static[0] is not None and self.cfg.kd != "none":
+            with torch.no_grad():
+                static = self._static[0](x)
+            parts["student_kd"] = kd_loss(self.cfg, z, static, y)
+        return GPDOutput(sum(parts.values()), parts, z, None)
 
 
-def kd_loss(cfg: TrainSpec, logits, static_logits, target):
-    if static_logits is None or cfg.kd == "none":
-        return logits.new_zeros(())
-    if cfg.kd == "hinton":
-        return hinton_kd(logits, static_logits, cfg.kd_temperature)
-    return dkd(logits, static_logits, target, cfg.dkd_alpha, cfg.dkd_beta, cfg.dkd_temperature)
-
-
-def train_step(m: Models, cfg: TrainSpec, x, y, optimizer, ema=None) -> dict[str, float]:
+def train_step(model: nn.Module, params: list[nn.Parameter], cfg: TrainSpec, x, y, optimizer, ema=None
+               ) -> dict[str, float]:
+    """One step of ``model`` (a GPD or Baseline, possibly in DDP); the mean losses of the teacher and the student."""
     optimizer.zero_grad(set_to_none=True)
-    static_logits = None
-    if m.static is not None:
-        with torch.no_grad():
-            static_logits = m.static(x)
-    losses = {}
-    if m.teacher is not None:
-        zd = m.teacher(x)
-        loss_d = F.cross_entropy(zd, y) + kd_loss(cfg, zd, static_logits, y)
-        loss_d.backward()
-        losses["teacher_loss"] = float(loss_d.detach())
-    z = m.student(x)
-    loss_s = F.cross_entropy(z, y) + kd_loss(cfg, z, static_logits, y)
-    if m.teacher is not None and cfg.sce_weight > 0:
-        target = F.softmax(zd.detach() / cfg.sce_temperature, 1)
-        loss_s = loss_s + cfg.sce_weight * soft_cross_entropy(z, target, cfg.sce_label_smoothing, cfg.sce_temperature)
-    loss_s.backward()
-    losses["student_loss"] = float(loss_s.detach())
-    distributed.average_gradients(m.params)
+    out = model(x, y)
+    out.loss.backward()
     if cfg.clip_grad:
-        torch.nn.utils.clip_grad_norm_(m.params, cfg.clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     optimizer.step()
     if ema is not None:
-        ema.update(m.params)
+        ema.update(params)
+    losses = {}
+    for who in ("teacher", "student"):
+        terms = [v for k, v in out.parts.items() if k.startswith(who)]
+        if terms:
+            losses[f"{who}_loss"] = float(sum(t.detach() for t in terms))
     return losses

@@ -1,0 +1,100 @@
+"""``gpdc.GPD``: the whole GPD objective as one module with one backward (METHOD.md §4).
+
+The dynamic teacher and the shared student read the same parameters, so training them as two modules with two
+backward passes hides half the gradient from anything that wraps one of them: ``DistributedDataParallel`` over the
+teacher never sees the student's contribution (the ranks drift apart), an EMA or optimizer over the student finds
+no parameters. ``GPD`` holds the dynamic teacher (its parameters are what to optimise), the shared student (its
+BatchNorm buffers registered under ``student.``) and an optional frozen static teacher (moved with the module,
+never in ``parameters()`` nor ``state_dict()``), and ``forward(x, y)`` returns the summed loss: one backward gives
+the gradients of the two backward passes it replaces. It works as any module does under DDP, autocast,
+channels_last, ``torch.compile``, timm's EMA and ``torch.optim.swa_utils.AveragedModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .expansion import Expansion
+from .outputs import logits_path, pick
+from .spec import TrainSpec
+from .train.losses import dkd, hinton_kd, soft_cross_entropy
+
+
+@dataclass
+class GPDOutput:
+    """What one GPD forward computed: ``loss`` (backward this), the terms it sums (``teacher_ce``, ``student_ce``,
+    ``teacher_kd``/``student_kd`` with a static teacher, ``student_sce`` from the dynamic teacher), both logits."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+
+
+def kd_loss(cfg: TrainSpec, logits: torch.Tensor, static_logits: torch.Tensor | None, target: torch.Tensor):
+    """Distillation from the static teacher (none without one)."""
+    if static_logits is None or cfg.kd == "none":
+        return logits.new_zeros(())
+    if cfg.kd == "hinton":
+        return hinton_kd(logits, static_logits, cfg.kd_temperature)
+    return dkd(logits, static_logits, target, cfg.dkd_alpha, cfg.dkd_beta, cfg.dkd_temperature)
+
+
+class GPD(nn.Module):
+    """Dynamic teacher + shared student (+ static teacher) of ``expansion`` trained by one loss.
+
+    ``train``: the spec's ``train`` section (a ``TrainSpec``, a dict, or None for its defaults) — losses,
+    temperatures, ``student_grad``, and which output leaf holds the logits."""
+
+    def __init__(self, expansion: Expansion, static_teacher: nn.Module | None = None,
+                 train: TrainSpec | dict | None = None):
+        super().__init__()
+        self.cfg = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
+        self.teacher = expansion.teacher
+        self.student = expansion.student  # reads the teacher's parameters; owns only its BatchNorm buffers
+        self.student.balanced_grad = self.cfg.student_grad == "balanced"
+        self._static = (static_teacher,)  # a tuple: neither a parameter nor in the state_dict
+        if static_teacher is not None:
+            static_teacher.requires_grad_(False)
+            static_teacher.train(self.cfg.static_teacher_train_mode)
+        self._paths: dict[str, object] = {}
+
+    @property
+    def static_teacher(self) -> nn.Module | None:
+        return self._static[0]
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)``, ``.half()``, channels_last: the static teacher moves along."""
+        super()._apply(fn, recurse)
+        if self.static_teacher is not None:
+            self.static_teacher._apply(fn)
+        return self
+
+    def _logits(self, which: str, out, key: str | None):
+        if isinstance(out, torch.Tensor) and key is None:
+            return out
+        if which not in self._paths:
+            self._paths[which] = logits_path(out, key, f"the {which}")
+        return pick(out, self._paths[which])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
+        cfg = self.cfg
+        static = None
+        if self.static_teacher is not None:
+            with torch.no_grad():
+                static = self._logits("static teacher", self.static_teacher(x), cfg.teacher_logits)
+        zd = self._logits("dynamic teacher", self.teacher(x), cfg.logits)
+        with self.student.inside_gpd():
+            z = self._logits("student", self.student(x), cfg.logits)
+        parts = {"teacher_ce": F.cross_entropy(zd, y), "student_ce": F.cross_entropy(z, y)}
+        if static is not None and cfg.kd != "none":
+            parts |= {"teacher_kd": kd_loss(cfg, zd, static, y), "student_kd": kd_loss(cfg, z, static, y)}
+        if cfg.sce_weight > 0:  # the dynamic teacher teaches the student; its logits are a fixed target here
+            target = F.softmax(zd.detach() / cfg.sce_temperature, 1)
+            parts["student_sce"] = cfg.sce_weight * soft_cross_entropy(z, target, cfg.sce_label_smoothing,
+                                                                       cfg.sce_temperature)
+        return GPDOutput(sum(parts.values()), parts, z, zd)
