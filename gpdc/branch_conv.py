@@ -19,6 +19,8 @@ ParamMap and by fold.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +72,33 @@ def branch_kernel(kind: str, p: dict[str, torch.Tensor], weight: torch.Tensor, g
     raise ValueError(f"unknown branch kind {kind!r}")
 
 
+_MERGED: ContextVar[dict | None] = ContextVar("gpdc_merged_kernels", default=None)
+
+
+@contextmanager
+def one_merge_per_forward():
+    """Inside it, each block's kernel is merged once from the parameter tensors it is given and then reused: the
+    dynamic teacher's forward and the shared student's read of its slice (``MergedKernel``) share one merged
+    tensor, so a GPD step merges every block once and autograd sees one graph (``gpdc.GPD`` uses it)."""
+    token = _MERGED.set({})
+    try:
+        yield
+    finally:
+        _MERGED.reset(token)
+
+
 def merge_kernel(kinds: tuple[str, ...], p: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
     """Σ_b scale_b ⊙ kernel_b: the one kernel the block computes with."""
+    cache = _MERGED.get()
+    key = (kinds, groups, *map(id, p.values()))
+    if cache is not None and key in cache:
+        return cache[key]
     weight, scale = p["weight"], p["branch_scale"]
     merged = weight * scale[0].view(-1, 1, 1, 1)
     for b, kind in enumerate(kinds[1:], start=1):
         merged = merged + branch_kernel(kind, p, weight, groups) * scale[b].view(-1, 1, 1, 1)
+    if cache is not None:
+        cache[key] = merged
     return merged
 
 

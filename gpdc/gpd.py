@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .branch_conv import one_merge_per_forward
 from .expansion import Expansion
 from .outputs import logits_path, pick
 from .spec import TrainSpec
@@ -87,9 +88,10 @@ class GPD(nn.Module):
         if self.static_teacher is not None:
             with torch.no_grad():
                 static = self._logits("static teacher", self.static_teacher(x), cfg.teacher_logits)
-        zd = self._logits("dynamic teacher", self.teacher(x), cfg.logits)
-        with self.student.inside_gpd():
-            z = self._logits("student", self.student(x), cfg.logits)
+        with one_merge_per_forward():
+            zd = self._logits("dynamic teacher", self.teacher(x), cfg.logits)
+            with self.student.inside_gpd():
+                z = self._logits("student", self.student(x), cfg.logits)
         parts = {"teacher_ce": F.cross_entropy(zd, y), "student_ce": F.cross_entropy(z, y)}
         if static is not None and cfg.kd != "none":
             parts |= {"teacher_kd": kd_loss(cfg, zd, static, y), "student_kd": kd_loss(cfg, z, static, y)}

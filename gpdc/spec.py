@@ -121,6 +121,13 @@ class TrainSpec(BaseModel):
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs for warmup_cosine.")
     clip_grad: float | None = Field(5.0, description="Clip the global gradient norm to this value (null: no clipping).")
     ema: float | None = Field(None, description="EMA decay of the trained parameters (e.g. 0.999); evaluation uses the EMA.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Forward under autocast at this precision (fp16 with a gradient scaler, saved in "
+        "last.ckpt); fp32 keeps runs exactly reproducible on CPU.")
+    channels_last: bool = Field(False, description="Keep 4-d weights and inputs in channels_last memory format.")
+    compile: bool = Field(False, description="torch.compile the training objective (teacher and student together).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step: batch_size is split into this "
+                            "many forward/backward passes whose gradients add up (DDP syncs once, on the last).")
     gpd: bool = Field(True, description="Train with GPD (dynamic teacher + shared student); false trains the model alone.")
     kd: Literal["none", "hinton", "dkd"] = Field("dkd", description="Distillation from the static teacher (when one is given).")
     kd_temperature: float = Field(4.0, gt=0, description="Hinton KD temperature.")

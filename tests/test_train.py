@@ -1,6 +1,7 @@
 """GPD training: the step, the losses, resume, DDP, ImageFolder data and bad input."""
 
 import json
+import copy
 import math
 import os
 import subprocess
@@ -211,3 +212,48 @@ def test_train_bad_input_exits_2(tmp_path, args, needle):
                 "--out", str(tmp_path / "o"), *args)
     assert r.returncode == 2, r.stderr[-2000:]
     assert needle in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+
+
+def test_grad_accum_gives_the_full_batch_step():
+    """Without BatchNorm, two micro-batches whose losses are weighted by their share give the full-batch step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double()
+    exp = gpdc.expand(model, {"input_shape": [2, 1, 6, 6], "expand": {"ratio": 1.5}})
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    after = []
+    for accum in (1, 2, 3):
+        gpd = gpdc.GPD(copy.deepcopy(exp), train={"grad_accum": accum, "kd": "none"})
+        params = list(gpd.parameters())
+        losses = train_step(gpd, params, gpd.cfg, x, y, torch.optim.SGD(params, lr=0.5))
+        after.append(([p.detach().clone() for p in params], losses))
+    for params, losses in after[1:]:
+        for p, q in zip(params, after[0][0]):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        assert losses == pytest.approx(after[0][1], rel=1e-9)
+
+
+@pytest.mark.parametrize("options", [
+    {"precision": "bf16", "channels_last": True, "grad_accum": 2},
+    {"precision": "fp16"},
+], ids=["bf16_channels_last_accum", "fp16_scaler"])
+def test_mixed_precision_runs_and_resumes(tmp_path, options):
+    spec = tiny_spec(epochs=2)
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update=options)})
+    full = train(STUDENT, spec, "digits", str(tmp_path / "a"), seed=1, export=False)
+    assert all(math.isfinite(m[k]) for m in full for k in ("student_loss", "teacher_loss")), full
+    assert full[-1]["student_acc"] > 0.3, full  # it learns
+    train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=1, export=False, stop_after=1)
+    if options["precision"] == "fp16":
+        assert "scaler" in torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    resumed = train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=1, export=False, resume=True)
+    strip = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k} for m in ms]  # noqa: E731
+    assert strip(resumed) == strip(full)
+
+
+@pytest.mark.slow
+def test_compiled_objective_trains(tmp_path):
+    spec = tiny_spec(epochs=1)
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"compile": True})})
+    metrics = train(STUDENT, spec, "digits", str(tmp_path / "c"), export=False)
+    assert math.isfinite(metrics[0]["student_loss"]) and metrics[0]["student_acc"] > 0.1, metrics

@@ -152,8 +152,13 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         objective = Baseline(logits, static, cfg)
         student = logits
     objective.to(device)
+    if cfg.channels_last:
+        objective.to(memory_format=torch.channels_last)
     params = list(objective.parameters())
     runner = objective if world == 1 else DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        runner = torch.compile(runner)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     optimizer = _optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     ema = EMA(params, cfg.ema) if cfg.ema else None
@@ -166,6 +171,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
         start, metrics = state["epoch"] + 1, json.loads(state["metrics"])
 
@@ -183,7 +190,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=n_batches) if progress and rank == 0 else None
         for x, y in _batches(data.train, order, per_rank, device):
             ts = time.perf_counter()
-            losses = train_step(runner, params, cfg, x, y, optimizer, ema)
+            losses = train_step(runner, params, cfg, x, y, optimizer, ema, scaler)
             step_time += time.perf_counter() - ts
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -207,6 +214,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                      "rng": torch.get_rng_state(), "metrics": json.dumps(metrics), "objective": objective.state_dict()}
             if ema is not None:
                 state["ema"] = ema.state_dict()
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
     if rank == 0 and last == cfg.epochs:
         _finish(out_dir, exp, model, params, ema, data, spec, export, metrics)

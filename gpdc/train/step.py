@@ -7,9 +7,12 @@ then all-reduces every gradient and broadcasts the buffers like for any module.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..gpd import GPDOutput, kd_loss
 from ..outputs import LeafPath, logits_path, pick
@@ -63,20 +66,45 @@ class Baseline(nn.Module):
         return GPDOutput(sum(parts.values()), parts, z, None)
 
 
-def train_step(model: nn.Module, params: list[nn.Parameter], cfg: TrainSpec, x, y, optimizer, ema=None
-               ) -> dict[str, float]:
-    """One step of ``model`` (a GPD or Baseline, possibly in DDP); the mean losses of the teacher and the student."""
+def autocast(cfg: TrainSpec, device: torch.device):
+    """The forward's autocast context for ``train.precision`` (none for fp32)."""
+    if cfg.precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+
+
+def train_step(model: nn.Module, params: list[nn.Parameter], cfg: TrainSpec, x, y, optimizer, ema=None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One optimiser step of ``model`` (a GPD or Baseline, possibly in DDP) over ``train.grad_accum`` micro-batches
+    of (x, y), each loss weighted by its share of the batch; the mean losses of the teacher and the student."""
     optimizer.zero_grad(set_to_none=True)
-    out = model(x, y)
-    out.loss.backward()
+    if cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    chunks = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
+    sums: dict[str, torch.Tensor] = {}
+    for i, (xc, yc) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast(cfg, x.device):
+            out = model(xc, yc)
+        share = len(xc) / len(x)
+        loss = out.loss * share
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for k, v in out.parts.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * share
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     if ema is not None:
         ema.update(params)
     losses = {}
     for who in ("teacher", "student"):
-        terms = [v for k, v in out.parts.items() if k.startswith(who)]
+        terms = [v for k, v in sums.items() if k.startswith(who)]
         if terms:
-            losses[f"{who}_loss"] = float(sum(t.detach() for t in terms))
+            losses[f"{who}_loss"] = float(sum(terms))
     return losses
