@@ -127,13 +127,19 @@ def test_the_student_trained_outside_gpd_under_ddp_warns(tmp_path):
         "import os, sys, warnings, torch, torch.distributed as dist, gpdc\n"
         f"sys.path.insert(0, {str(ROOT / 'examples')!r})\n"
         "from model import build_model\n"
+        "from gpdc.train.distributed import ranks_differ\n"
         "dist.init_process_group('gloo')\n"
+        "torch.manual_seed(0)\n"
         "exp = gpdc.expand(build_model(), {'input_shape': [2, 3, 16, 16]})\n"
         "ddp = torch.nn.parallel.DistributedDataParallel(exp.teacher)\n"
+        "opt = torch.optim.SGD(exp.teacher.parameters(), lr=0.1)\n"
+        "torch.manual_seed(1 + dist.get_rank())  # each rank its own data\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    exp.student.train()(torch.randn(2, 3, 16, 16)).sum().backward()\n"
         "assert any('outside gpdc.GPD' in str(m.message) for m in w), [str(m.message) for m in w]\n"
+        "opt.step()\n"
+        "assert ranks_differ(exp.teacher, 'cpu') > 0  # the trap the warning names: the ranks drift apart\n"
         "dist.destroy_process_group()\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     (tmp_path / "outside.py").write_text(code)

@@ -40,6 +40,27 @@ def all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_buffers(module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) everywhere: DDP broadcasts them before each forward, so after an
+    epoch's last step each rank still holds its own, which evaluation and the checkpoint must not see."""
+    if world() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b, 0)
+
+
+def ranks_differ(module, device) -> float:
+    """The largest difference between ranks of any parameter or buffer of ``module`` (0.0: all identical; DDP keeps
+    them so, a hand-made second backward would not)."""
+    if world() == 1:
+        return 0.0
+    flat = torch.cat([t.detach().double().flatten() for t in module.state_dict().values() if t.is_floating_point()])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return float((hi - lo).max()) if len(flat) else 0.0
+
+
 def barrier() -> None:
     if world() > 1:
         dist.barrier()

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ..atomic import atomic_write
-from ..errors import GpdcError
+from ..errors import GpdcError, InternalError
 from ..expansion import expand
 from ..gpd import GPD
 from ..export import check_onnx, export_onnx
@@ -197,12 +197,17 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
             steps += 1
             if task is not None:
                 progress.advance(task)
+        distributed.broadcast_buffers(objective)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         swap = ema.swapped(params) if ema is not None else nullcontext()
         with swap:
             student_acc = evaluate(student, data, rank, world, device)
             teacher_acc = evaluate(teacher, data, rank, world, device) if teacher is not None else None
+        drift = distributed.ranks_differ(objective, device)
+        if drift:
+            raise InternalError(f"internal error: after epoch {epoch + 1} the ranks' weights differ by up to {drift:.3g}; "
+                                "DistributedDataParallel should keep them identical. This is a gpdc bug; please report it.")
         row = {"epoch": epoch + 1, "student_acc": student_acc, "teacher_acc": teacher_acc, "static_acc": static_acc,
                **{k: v / max(steps, 1) for k, v in sums.items()}, "lr": lr_now,
                "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1)}
