@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from .branch_conv import one_merge_per_forward
 from .expansion import Expansion
 from .outputs import logits_path, pick
-from .spec import TrainSpec
+from .errors import SpecError
+from .spec import TrainSpec, _format_validation_error
 from .train.losses import dkd, hinton_kd, soft_cross_entropy
 
 
@@ -45,6 +47,13 @@ def kd_loss(cfg: TrainSpec, logits: torch.Tensor, static_logits: torch.Tensor | 
     return dkd(logits, static_logits, target, cfg.dkd_alpha, cfg.dkd_beta, cfg.dkd_temperature)
 
 
+def _train_spec(train: dict) -> TrainSpec:
+    try:
+        return TrainSpec.model_validate(train)
+    except ValidationError as e:
+        raise SpecError(_format_validation_error(e, "gpdc.GPD(train=...)")) from None
+
+
 class GPD(nn.Module):
     """Dynamic teacher + shared student (+ static teacher) of ``expansion`` trained by one loss.
 
@@ -54,7 +63,7 @@ class GPD(nn.Module):
     def __init__(self, expansion: Expansion, static_teacher: nn.Module | None = None,
                  train: TrainSpec | dict | None = None):
         super().__init__()
-        self.cfg = train if isinstance(train, TrainSpec) else TrainSpec(**(train or {}))
+        self.cfg = train if isinstance(train, TrainSpec) else _train_spec(train or {})
         self.teacher = expansion.teacher
         self.student = expansion.student  # reads the teacher's parameters; owns only its BatchNorm buffers
         self.student.balanced_grad = self.cfg.student_grad == "balanced"

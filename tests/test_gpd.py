@@ -159,3 +159,8 @@ def test_one_merge_per_block_per_step(monkeypatch):
     monkeypatch.setattr(branch_conv, "branch_kernel", lambda kind, *a: calls.append(kind) or real(kind, *a))
     gpd(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))).loss.backward()
     assert blocks and len(calls) == sum(len(b.kinds) - 1 for b in blocks)
+
+
+def test_a_bad_train_section_is_a_spec_error():
+    with pytest.raises(gpdc.SpecError, match="sce_wieght: unknown key"):
+        gpdc.GPD(expansion(torch.float32), train={"sce_wieght": 1.0})
