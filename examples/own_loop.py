@@ -36,6 +36,8 @@ if distributed:  # every rank holds the same weights
     dist.all_gather(copies, flat)
     if rank == 0:
         print(f"max difference between ranks {max(float((c - flat).abs().max()) for c in copies):.3g}")
+    del model  # DDP's reducer must go before its process group
+    dist.barrier()
     dist.destroy_process_group()
 if rank == 0:
     print(f"loss {float(out.loss.detach()):.3f}, folded student {type(student).__name__}")
