@@ -208,7 +208,7 @@ class ChannelAnalysis:
         """The layout the rule gives the node's output. An op its rule cannot widen (channels moved into the batch
         dim, a split it cannot follow) runs at the student's width instead, with the rule's finding as the reason
         (``gpdc.rules.student_width``): exact, and reported."""
-        from .rules.student_width import STUDENT_WIDTH, gatherable, run_at_student_width  # noqa: PLC0415 (rules build on this)
+        from .rules.student_width import STUDENT_WIDTH, gatherable, run_at_student_width  # noqa: PLC0415
 
         if node in self.at_student_width:
             self.rules[node] = STUDENT_WIDTH

@@ -122,7 +122,8 @@ def test_ema_and_averaged_model_follow_the_shared_parameters():
 def test_ddp_keeps_ranks_identical_through_gpd():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(ROOT / "examples" / "own_loop.py")], capture_output=True, text=True, env=env, cwd=ROOT)
+                        f"--master_port={free_port()}", str(ROOT / "examples" / "own_loop.py")],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     diffs = [float(line.split("ranks ")[1]) for line in r.stdout.splitlines() if "difference between ranks" in line]
     assert diffs == [0.0] and "folded student SmallNet" in r.stdout, r.stdout
@@ -153,7 +154,8 @@ def test_the_student_trained_outside_gpd_under_ddp_warns(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     (tmp_path / "outside.py").write_text(code)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(tmp_path / "outside.py")], capture_output=True, text=True, env=env)
+                        f"--master_port={free_port()}", str(tmp_path / "outside.py")],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
