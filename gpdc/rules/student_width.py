@@ -76,7 +76,7 @@ class StudentInputs:
     tensors, so that a reshape reading the channel count gets the student's."""
 
     def __init__(self, node: fx.Node, ex):
-        self.node, self.ex, self.memo = node, ex, {}
+        self.node, self.ex, self.memo, self.reads = node, ex, {}, {}
 
     def __call__(self, a: fx.Node):
         if a not in self.memo:
@@ -98,7 +98,10 @@ class StudentInputs:
         """A Python value (not a tensor) computed from the size of a tensor that carries widened channels."""
         if a.meta.get("gpdc.shape") is not None or a.op not in ("call_function", "call_method"):
             return False
-        return any(isinstance(self.ex.tl.get(b), TeacherLayout) or self.reads_widened_size(b) for b in a.all_input_nodes)
+        if a not in self.reads:
+            self.reads[a] = any(isinstance(self.ex.tl.get(b), TeacherLayout) or self.reads_widened_size(b)
+                                for b in a.all_input_nodes)
+        return self.reads[a]
 
 
 def expand_at_student_width(node: fx.Node, ex) -> None:
