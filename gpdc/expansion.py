@@ -106,7 +106,8 @@ def expand(
 
     spec = load_spec(spec)
     student = trace(model, spec.input_shape, leaf_modules, leaf_functions)
-    student, (sunk,) = run_passes(student, (SinkParameterChains(),))
+    sink = SinkParameterChains()
+    student, _ = run_passes(student, (sink,))
     analysis = ChannelAnalysis(student, spec.expand.free_outputs, spec.expand.unwidenable)
     _check_free_outputs(spec.expand.free_outputs, analysis)
     plan = plan_expansion(analysis, spec)
@@ -115,7 +116,7 @@ def expand(
         InverseReparameterization(analysis, plan, param_map),
         ChannelBranchReparameterization(spec.branches, param_map),
     )
-    teacher, results = run_passes(student, pipeline, have=frozenset({"traced", "parameter-chains-sunk"}))
+    teacher, results = run_passes(student, pipeline, have=frozenset({"traced"}) | sink.ensures)
     shared = SharedStudent(student, teacher, param_map)
     log = [f"[{p.name}] {line}" for p, r in zip(pipeline, results) for line in r.log]
     return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan,

@@ -54,7 +54,30 @@ def _train_spec(train: dict) -> TrainSpec:
         raise SpecError(_format_validation_error(e, "gpdc.GPD(train=...)")) from None
 
 
-class GPD(nn.Module):
+class WithStaticTeacher(nn.Module):
+    """An objective that may read a frozen static teacher: kept in a tuple, so it is neither a parameter nor in the
+    state_dict, moved along by ``.to()``, dtype and memory-format changes, and left in the mode the spec gives it."""
+
+    def __init__(self, static_teacher: nn.Module | None, cfg: TrainSpec):
+        super().__init__()
+        self.cfg = cfg
+        self._static = (static_teacher,)
+        if static_teacher is not None:
+            static_teacher.requires_grad_(False)
+            static_teacher.train(cfg.static_teacher_train_mode)
+
+    @property
+    def static_teacher(self) -> nn.Module | None:
+        return self._static[0]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.static_teacher is not None:
+            self.static_teacher._apply(fn)
+        return self
+
+
+class GPD(WithStaticTeacher):
     """Dynamic teacher + shared student (+ static teacher) of ``expansion`` trained by one loss.
 
     ``train``: the spec's ``train`` section (a ``TrainSpec``, a dict, or None for its defaults) — losses,
@@ -62,27 +85,11 @@ class GPD(nn.Module):
 
     def __init__(self, expansion: Expansion, static_teacher: nn.Module | None = None,
                  train: TrainSpec | dict | None = None):
-        super().__init__()
-        self.cfg = train if isinstance(train, TrainSpec) else _train_spec(train or {})
+        super().__init__(static_teacher, train if isinstance(train, TrainSpec) else _train_spec(train or {}))
         self.teacher = expansion.teacher
         self.student = expansion.student  # reads the teacher's parameters; owns only its BatchNorm buffers
         self.student.balanced_grad = self.cfg.student_grad == "balanced"
-        self._static = (static_teacher,)  # a tuple: neither a parameter nor in the state_dict
-        if static_teacher is not None:
-            static_teacher.requires_grad_(False)
-            static_teacher.train(self.cfg.static_teacher_train_mode)
         self._paths: dict[str, object] = {}
-
-    @property
-    def static_teacher(self) -> nn.Module | None:
-        return self._static[0]
-
-    def _apply(self, fn, recurse=True):
-        """``.to(device)``, ``.half()``, channels_last: the static teacher moves along."""
-        super()._apply(fn, recurse)
-        if self.static_teacher is not None:
-            self.static_teacher._apply(fn)
-        return self
 
     def _logits(self, which: str, out, key: str | None):
         if isinstance(out, torch.Tensor) and key is None:

@@ -12,12 +12,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from gpdc.pass_manager import Pass, PassResult
-from gpdc.rules.params import _CHAIN_FUNCTIONS, _CHAIN_METHODS
-
-
-def _shape_only(node: fx.Node) -> bool:
-    return (node.op == "call_method" and node.target in _CHAIN_METHODS) or (
-        node.op == "call_function" and node.target in _CHAIN_FUNCTIONS)
+from gpdc.rules.params import is_shape_only
 
 
 def parameter_chain(attr: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
@@ -26,7 +21,7 @@ def parameter_chain(attr: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
     while len(chain[-1].users) == 1:
         user = next(iter(chain[-1].users))
         tensor_args = [a for a in user.all_input_nodes if a.meta.get("gpdc.shape") is not None]
-        if not (_shape_only(user) and tensor_args == [chain[-1]]):
+        if not (is_shape_only(user) and tensor_args == [chain[-1]]):
             return chain, user
         chain.append(user)
     return None

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import RuleError
 from ..layout import Layout, TeacherLayout
 
 FACTS = "gpdc.facts"
@@ -30,11 +31,15 @@ class ChannelsIn:
     inp: Layout
 
 
+class FactsError(RuleError, TypeError):
+    """A rule (a user's, typically) recorded facts that are not a frozen dataclass: a clear error, not a gpdc bug."""
+
+
 def check_facts(node: fx.Node, facts: Any) -> None:
     """Facts must be a frozen dataclass instance: what analysis decided cannot change before expansion."""
     params = getattr(type(facts), "__dataclass_params__", None)
     if not (dataclasses.is_dataclass(facts) and not isinstance(facts, type) and params.frozen):
-        raise TypeError(f"rule facts for node '{node.name}' must be a frozen dataclass instance "
+        raise FactsError(f"rule facts for node '{node.name}' must be a frozen dataclass instance "
                         f"(@dataclass(frozen=True)), got {type(facts).__name__}")
 
 

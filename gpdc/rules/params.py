@@ -28,14 +28,18 @@ _CHAIN_METHODS = {"expand", "expand_as", "reshape", "view", "to", "type_as", "co
 _CHAIN_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.flatten, torch.squeeze}
 
 
+def is_shape_only(node: fx.Node) -> bool:
+    """A reshape, broadcast or dtype cast (what may lie between a parameter and where it meets the channels)."""
+    return (node.op == "call_method" and node.target in _CHAIN_METHODS) or (
+        node.op == "call_function" and node.target in _CHAIN_FUNCTIONS)
+
+
 def _chain_to_param(node: fx.Node):
     """[get_attr, op, op, ..., node] if ``node`` is computed from one parameter by shape-only ops."""
     chain = [node]
     while node.op != "get_attr":
         tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a.meta.get("gpdc.shape") is not None]
-        ok = (node.op == "call_method" and node.target in _CHAIN_METHODS) or (
-            node.op == "call_function" and node.target in _CHAIN_FUNCTIONS)
-        if not ok or len(tensor_args) != 1 or len(node.users) != 1 and node is not chain[0]:
+        if not is_shape_only(node) or len(tensor_args) != 1 or len(node.users) != 1 and node is not chain[0]:
             return None
         node = tensor_args[0]
         chain.append(node)

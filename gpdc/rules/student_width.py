@@ -58,18 +58,6 @@ def run_at_student_width(node: fx.Node, an, reason: str, ref: fx.Node | None = N
     return None if ref is None else an.layout_of(ref).with_dim(dim)
 
 
-def first_copies(ex, L: Layout, T: TeacherLayout) -> np.ndarray:
-    """Teacher positions holding the first copy of each student position's channel: gathering them gives the
-    student's tensor."""
-    pos = ex.student_pos(L, T)
-    first = np.flatnonzero(T.copy == 0)
-    idx = np.full(L.width, -1, np.int64)
-    idx[pos[first]] = first
-    if (idx < 0).any():
-        raise AssertionError("internal error: a teacher tensor lacks the first copy of a student channel")
-    return idx
-
-
 class StudentInputs:
     """The op's arguments as the student sees them: tensors that carry widened channels gathered to the student's
     channels, and sizes computed from them (``B * C * h`` from ``x.shape``) computed again from the gathered
@@ -87,7 +75,7 @@ class StudentInputs:
         ex = self.ex
         T = ex.tl.get(a)
         if isinstance(T, TeacherLayout):
-            idx = first_copies(ex, ex.an.layout_of(a), T)
+            idx = T.positions_of(ex.keys(ex.an.layout_of(a)))  # the first copies: the student's tensor
             return ex.env[a] if np.array_equal(idx, np.arange(T.width)) else ex.index_select(self.node, ex.env[a], T.dim, idx)
         if self.reads_widened_size(a):
             return ex.graph.create_node(a.op, a.target, fx.node.map_arg(a.args, self), fx.node.map_arg(a.kwargs, self),

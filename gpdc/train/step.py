@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..gpd import GPDOutput, kd_loss
+from ..gpd import GPDOutput, WithStaticTeacher, kd_loss
 from ..outputs import LeafPath, logits_path, pick
 from ..spec import TrainSpec
 
@@ -41,27 +41,20 @@ def logits_of(model: nn.Module, x, key: str | None, what: str) -> nn.Module:
     return Logits(model, logits_path(out, key, what))
 
 
-class Baseline(nn.Module):
+class Baseline(WithStaticTeacher):
     """The student trained alone (cross-entropy, plus KD from the frozen static teacher if given): the baselines
     GPD is compared with, behind the same ``forward(x, y)`` as ``gpdc.GPD``."""
 
     def __init__(self, student: nn.Module, static_teacher: nn.Module | None, cfg: TrainSpec):
-        super().__init__()
-        self.student, self.cfg = student, cfg
-        self._static = (static_teacher,)  # not a parameter, not in the state_dict
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self._static[0] is not None:
-            self._static[0]._apply(fn)
-        return self
+        super().__init__(static_teacher, cfg)
+        self.student = student
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
         z = self.student(x)
         parts = {"student_ce": F.cross_entropy(z, y)}
-        if self._static[0] is not None and self.cfg.kd != "none":
+        if self.static_teacher is not None and self.cfg.kd != "none":
             with torch.no_grad():
-                static = self._static[0](x)
+                static = self.static_teacher(x)
             parts["student_kd"] = kd_loss(self.cfg, z, static, y)
         return GPDOutput(sum(parts.values()), parts, z, None)
 
