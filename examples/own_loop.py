@@ -29,6 +29,7 @@ for step in range(5):
     opt.zero_grad()
     out.loss.backward()  # one backward: teacher and student gradients together
     opt.step()
+    loss = float(out.loss.detach())
 student = exp.fold()  # the user's architecture with the trained student weights
 if distributed:  # every rank holds the same weights
     flat = torch.cat([p.detach().flatten() for p in gpd.parameters()])
@@ -36,8 +37,8 @@ if distributed:  # every rank holds the same weights
     dist.all_gather(copies, flat)
     if rank == 0:
         print(f"max difference between ranks {max(float((c - flat).abs().max()) for c in copies):.3g}")
-    del model  # DDP's reducer must go before its process group
+    del model, out  # DDP's reducer (also held by the last output) must go before its process group
     dist.barrier()
     dist.destroy_process_group()
 if rank == 0:
-    print(f"loss {float(out.loss.detach()):.3f}, folded student {type(student).__name__}")
+    print(f"loss {loss:.3f}, folded student {type(student).__name__}")

@@ -1,8 +1,8 @@
-"""A k×k convolution trained as a multi-branch block that merges into one kernel at every forward.
+"""A k×k convolution trained as a multi-branch block that is one convolution with a merged kernel.
 
 CBR's branch dimension (METHOD.md §3, OREPA-style online re-parameterisation): all branches are
-linear in the input, so the block is one convolution with a merged kernel, and a training step
-costs one conv. Branch kinds (each with a per-output-channel scale):
+linear in the input, so the block is one convolution with a merged kernel. Branch kinds (each with a
+per-output-channel scale):
 
 * ``kxk``      the original kernel (scale 1 at init);
 * ``1x1``      a 1×1 kernel zero-padded to k×k;
@@ -14,6 +14,9 @@ costs one conv. Branch kinds (each with a per-output-channel scale):
 All scales but the original's start at 0, so the block equals the original conv exactly at init.
 ``merge_kernel`` is the single definition used by the module's forward, by the shared student's
 ParamMap and by fold.
+
+Each call picks between merging and running ``1x1_kxk`` as its two convs (``gpdc.branch_plan``); the
+student's conv that reads a block's slice (``SharedBranchConv``) does the same.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .branch_plan import MERGED, SEQUENTIAL, cheaper, student_flops, teacher_flops
 
 KINDS = ("kxk", "1x1", "avg", "1x1_kxk", "identity", "dw_1x1")
 DEFAULT_KINDS = ("kxk", "1x1", "1x1_kxk", "avg", "identity")
@@ -49,8 +54,12 @@ def _pad_center(k1: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return F.pad(k1, (pw, kw - 1 - pw, ph, kh - 1 - ph))
 
 
-def branch_kernel(kind: str, p: dict[str, torch.Tensor], weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The k×k kernel [O, I/g, kh, kw] of one branch, from its parameters ``p``."""
+def branch_kernel(kind: str, p: dict[str, torch.Tensor], weight: torch.Tensor, groups: int,
+                  index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The k×k kernel [O, I/g, kh, kw] of one branch, from its parameters ``p``.
+
+    ``index``: the (output, input) channels ``p`` was selected to (``select_params``), for a slice of a
+    dense kernel."""
     out_c, in_g, kh, kw = weight.shape
     if kind == "kxk":
         return weight
@@ -59,16 +68,15 @@ def branch_kernel(kind: str, p: dict[str, torch.Tensor], weight: torch.Tensor, g
     if kind == "avg":
         return p["w_avg"].expand(out_c, in_g, kh, kw) / (kh * kw)
     if kind == "1x1_kxk":
-        first = p["w_1x1_kxk_a"].view(groups, in_g, in_g)  # [g, mid/g, in/g]
-        second = p["w_1x1_kxk_b"].view(groups, out_c // groups, in_g, kh, kw)  # [g, out/g, mid/g, kh, kw]
+        first = p["w_1x1_kxk_a"].reshape(groups, -1, in_g)  # [g, mid/g, in/g]
+        second = p["w_1x1_kxk_b"].reshape(groups, out_c // groups, -1, kh, kw)  # [g, out/g, mid/g, kh, kw]
         return torch.einsum("gomhw,gmi->goihw", second, first).reshape(out_c, in_g, kh, kw)
     if kind == "identity":
-        eye = torch.zeros(out_c, in_g, kh, kw, dtype=weight.dtype, device=weight.device)
-        o = torch.arange(out_c, device=weight.device)
-        eye[o, o % in_g, kh // 2, kw // 2] = 1
-        return eye
+        device = weight.device
+        rows, cols = index or (torch.arange(out_c, device=device) % in_g, torch.arange(in_g, device=device))
+        return _pad_center((rows[:, None] == cols[None, :]).to(weight.dtype)[:, :, None, None], kh, kw)
     if kind == "dw_1x1":
-        return p["w_dw_1x1_pw"].view(out_c, in_g, 1, 1) * p["w_dw_1x1_dw"].view(1, in_g, kh, kw)
+        return p["w_dw_1x1_pw"].reshape(out_c, in_g, 1, 1) * p["w_dw_1x1_dw"].reshape(1, in_g, kh, kw)
     raise ValueError(f"unknown branch kind {kind!r}")
 
 
@@ -79,7 +87,8 @@ _MERGED: ContextVar[dict | None] = ContextVar("gpdc_merged_kernels", default=Non
 def one_merge_per_forward():
     """Inside it, each block's kernel is merged once from the parameter tensors it is given and then reused: the
     dynamic teacher's forward and the shared student's read of its slice (``MergedKernel``) share one merged
-    tensor, so a GPD step merges every block once and autograd sees one graph (``gpdc.GPD`` uses it)."""
+    tensor, so a GPD step merges every block once and autograd sees one graph (``gpdc.GPD`` uses it). Blocks
+    also count the student's slice in the cost of not merging (``BranchConv2d.plan``)."""
     token = _MERGED.set({})
     try:
         yield
@@ -87,19 +96,48 @@ def one_merge_per_forward():
         _MERGED.reset(token)
 
 
-def merge_kernel(kinds: tuple[str, ...], p: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
-    """Σ_b scale_b ⊙ kernel_b: the one kernel the block computes with."""
+def merge_kernel(kinds: tuple[str, ...], p: dict[str, torch.Tensor], groups: int,
+                 skip: tuple[str, ...] = ()) -> torch.Tensor:
+    """Σ_b scale_b ⊙ kernel_b over the kinds not in ``skip``: the one kernel the block computes with."""
     cache = _MERGED.get()
-    key = (kinds, groups, *map(id, p.values()))
+    key = _key(kinds, groups, skip, p)
     if cache is not None and key in cache:
         return cache[key]
-    weight, scale = p["weight"], p["branch_scale"]
-    merged = weight * scale[0].view(-1, 1, 1, 1)
-    for b, kind in enumerate(kinds[1:], start=1):
-        merged = merged + branch_kernel(kind, p, weight, groups) * scale[b].view(-1, 1, 1, 1)
+    merged = _merge(kinds, p, groups, skip)
     if cache is not None:
         cache[key] = merged
     return merged
+
+
+def _key(kinds, groups, skip, p) -> tuple:
+    return (kinds, groups, skip, *map(id, p.values()))
+
+
+def _merge(kinds, p, groups, skip=(), index=None) -> torch.Tensor:
+    weight, scale = p["weight"], p["branch_scale"]
+    merged = weight * scale[0].view(-1, 1, 1, 1)
+    for b, kind in enumerate(kinds[1:], start=1):
+        if kind not in skip:
+            merged = merged + branch_kernel(kind, p, weight, groups, index) * scale[b].view(-1, 1, 1, 1)
+    return merged
+
+
+# Which dims of each parameter run over the kernel's output ("o") or input ("i") channels.
+_CHANNEL_DIMS = {"weight": "oi", "w_1x1": "oi", "w_avg": "oi", "w_1x1_kxk_a": "-i", "w_1x1_kxk_b": "o",
+                 "w_dw_1x1_dw": "i", "w_dw_1x1_pw": "oi", "branch_scale": "-o"}
+
+
+def select_params(p: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter of a dense block cut to output channels ``rows`` and input channels ``cols``: the
+    kernel merged from them is the merged kernel's [rows][:, cols] (the product over the middle channels
+    keeps all of them), at |rows|·|cols|/(O·I) of the cost."""
+    out = {}
+    for name, t in p.items():
+        for d, which in enumerate(_CHANNEL_DIMS.get(name, "")):  # (the bias is not merged)
+            if which != "-":
+                t = t.index_select(d, rows if which == "o" else cols)
+        out[name] = t
+    return out
 
 
 class BranchConv2d(nn.Conv2d):
@@ -110,6 +148,7 @@ class BranchConv2d(nn.Conv2d):
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                          device=conv.weight.device, dtype=conv.weight.dtype)
         self.kinds = tuple(kinds)
+        self.student_channels = tuple(conv.weight.shape[:2])  # of the kernel the student reads (the branch pass)
         with torch.no_grad():
             self.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -130,11 +169,25 @@ class BranchConv2d(nn.Conv2d):
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
                 self.register_parameter(name, nn.Parameter(w))
 
+    def _params(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_parameters(recurse=False))
+
     def merged_weight(self) -> torch.Tensor:
-        return merge_kernel(self.kinds, dict(self.named_parameters(recurse=False)), self.groups)
+        return merge_kernel(self.kinds, self._params(), self.groups)
+
+    def plan(self, input_shape) -> str:
+        """How a call at this input shape runs (``branch_plan``); inside ``one_merge_per_forward`` the student's
+        cost counts too."""
+        return cheaper(teacher_flops(self, input_shape, with_student=_MERGED.get() is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.merged_weight(), self.bias)
+        if self.plan(x.shape) == MERGED:
+            return self._conv_forward(x, self.merged_weight(), self.bias)
+        p = self._params()
+        rest = merge_kernel(self.kinds, p, self.groups, skip=(SEQUENTIAL,))
+        mid = F.conv2d(x, p["w_1x1_kxk_a"], None, 1, 0, 1, self.groups)
+        second = p["w_1x1_kxk_b"] * p["branch_scale"][self.kinds.index(SEQUENTIAL)].view(-1, 1, 1, 1)
+        return self._conv_forward(x, rest, self.bias) + self._conv_forward(mid, second, None)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", branches={list(self.kinds)}"
@@ -147,6 +200,68 @@ class MergedKernel:
         self.module, self.kinds, self.groups = module, block.kinds, block.groups
         self.names = [n for n, _ in block.named_parameters(recurse=False)]
 
+    def _params(self, teacher_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: teacher_params[f"{self.module}.{n}"] for n in self.names}
+
     def __call__(self, teacher_params: dict[str, torch.Tensor]) -> torch.Tensor:
-        p = {n: teacher_params[f"{self.module}.{n}"] for n in self.names}
-        return merge_kernel(self.kinds, p, self.groups)
+        return merge_kernel(self.kinds, self._params(teacher_params), self.groups)
+
+    def select(self, teacher_params: dict[str, torch.Tensor], index: dict[int, torch.Tensor]) -> torch.Tensor:
+        return merged_slice(self.kinds, self.groups, self._params(teacher_params), index)
+
+
+def whole_merged(kinds, groups, p) -> bool:
+    """Whether this forward already merged the whole kernel of the block with parameters ``p``."""
+    cache = _MERGED.get()
+    return cache is not None and _key(kinds, groups, (), p) in cache
+
+
+def merged_slice(kinds, groups, p: dict[str, torch.Tensor], index: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The merged kernel's channels ``index`` (dim → indices): a slice of the whole merged kernel when this
+    forward already made it, else merged from the selected parameters without making the whole kernel."""
+    weight = p["weight"]
+    index = {d: idx.to(weight.device) for d, idx in index.items()}
+    if groups != 1 or whole_merged(kinds, groups, p) or set(index) - {0, 1}:
+        t = merge_kernel(kinds, p, groups)
+        for d, idx in index.items():
+            t = t.index_select(d, idx)
+        return t
+    rows, cols = _rows_cols(weight, index)
+    return _merge(kinds, select_params(p, rows, cols), 1, index=(rows, cols))
+
+
+def _rows_cols(weight: torch.Tensor, index: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(index[d] if d in index else torch.arange(weight.shape[d], device=weight.device) for d in (0, 1))
+
+
+class SharedBranchConv(nn.Conv2d):
+    """The student's conv that reads the slice of a teacher branch block (it owns no parameters, like the rest of
+    the shared student). Per call it convolves with the merged slice — free when the teacher merged this step —
+    or, for a dense kernel, runs the slice's ``1x1_kxk`` branch as its two convs when that is cheaper
+    (``branch_plan.student_flops``). Both are the same function of the teacher's parameters; 'balanced'
+    gradients (METHOD.md §4) rescale the merged slice, so that mode always merges."""
+
+    def __init__(self, conv: nn.Conv2d, block: BranchConv2d, source):
+        has_bias = "bias" not in conv._parameters  # the shared student deleted it: it reads it from the teacher
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, has_bias, conv.padding_mode, device="meta")
+        for name in [k for k, v in self._parameters.items() if v is not None]:
+            del self._parameters[name]
+        self._block = (block,)  # a tuple, so the teacher's block is not registered here
+        self.source = source  # the ParamSource of the student's kernel: channels read, scales
+        self.balanced = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self._block[0]
+        p = block._params()
+        whole = whole_merged(block.kinds, block.groups, p)
+        if self.balanced or cheaper(student_flops(block, x.shape, whole)) == MERGED:
+            weight = self.source.rescale(merged_slice(block.kinds, block.groups, p, self.source.index), self.balanced)
+            return self._conv_forward(x, weight, self.bias)
+        rows, cols = _rows_cols(p["weight"], self.source.index_on(x.device))
+        sp = select_params(p, rows, cols)
+        rest = self.source.rescale(_merge(block.kinds, sp, 1, skip=(SEQUENTIAL,), index=(rows, cols)))
+        first = self.source.rescale(sp["w_1x1_kxk_a"], dims=(1,))
+        second = sp["w_1x1_kxk_b"] * sp["branch_scale"][block.kinds.index(SEQUENTIAL)].view(-1, 1, 1, 1)
+        mid = F.conv2d(x, first, None, 1, 0, 1, 1)
+        return self._conv_forward(x, rest, self.bias) + self._conv_forward(mid, self.source.rescale(second, dims=(0,)), None)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from .branch_plan import describe_plans, recorded_shapes
 from .exactness import check_expansion, check_shape, max_rel_difference
 from .expansion import expand
 from .export import check_onnx, export_onnx
@@ -65,8 +66,9 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
     torch.manual_seed(0)
     shape, shape_note = check_shape(exp)
     x = torch.randn(*shape)
-    with stage("check_ir"):
+    with stage("check_ir"), recorded_shapes(exp.teacher) as seen:
         ir = check_expansion(exp, x)
+    plans = describe_plans(seen)
     with stage("fold"):
         folded_sd = exp.fold_state_dict()
         folded = exp.fold(state_dict=folded_sd)
@@ -88,6 +90,7 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
         "spec": spec.model_dump(),
         "ir": ir,
         "fold": fold,
+        "branch_plans": plans,
         "onnx": eq.as_dict(),
         "ok": all(c["ok"] for c in ir.values()) and fold["ok"] and eq.ok,
         "check_input_shape": shape,
@@ -98,4 +101,10 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
     staged.write("report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     staged.commit()  # all four files appear at once
     report["out"] = str(staged.shown)
-    return report, exp.log
+    return report, exp.log + [_plan_line(name, p) for name, p in plans.items()]
+
+
+def _plan_line(name: str, plan: dict) -> str:
+    shape = "x".join(map(str, plan["input"][2:]))
+    return (f"{name}: a GPD step at batch {plan['input'][0]} ({shape}) runs {plan['plan']}, merged from batch "
+            f"{plan['merged_from_batch']} ({', '.join(f'{k} {v} GFLOP' for k, v in plan['gflop'].items())})")

@@ -36,12 +36,22 @@ class ParamSource:
     index: dict[int, torch.Tensor] = field(default_factory=dict)
     scale: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def read(self, t: torch.Tensor, balanced: bool = False) -> torch.Tensor:
+    def index_on(self, device: torch.device) -> dict[int, torch.Tensor]:
         for d, idx in self.index.items():
-            if idx.device != t.device:
-                self.index[d] = idx = idx.to(t.device)
+            if idx.device != device:
+                self.index[d] = idx.to(device)
+        return self.index
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        for d, idx in self.index_on(t.device).items():
             t = t.index_select(d, idx)
+        return t
+
+    def rescale(self, t: torch.Tensor, balanced: bool = False, dims=None) -> torch.Tensor:
+        """``t`` times the scale of each dim (of ``dims`` only, when given)."""
         for d, s in self.scale.items():
+            if dims is not None and d not in dims:
+                continue
             if s.device != t.device or s.dtype != t.dtype:
                 self.scale[d] = s = s.to(device=t.device, dtype=t.dtype)
             shape = [1] * t.dim()
@@ -52,7 +62,8 @@ class ParamSource:
 
 class ParamMap:
     """Student parameter name -> ParamSource; ``derived`` teacher tensors (e.g. a CBR block's merged
-    kernel) are computed from the teacher's parameters before they are indexed."""
+    kernel) are computed from the teacher's parameters before they are indexed — only the selected part of
+    one when it has a ``select(teacher_params, index)``."""
 
     def __init__(self):
         self.sources: dict[str, ParamSource] = {}
@@ -73,21 +84,25 @@ class ParamMap:
     def derive(self, teacher_name: str, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
         self.derived[teacher_name] = fn
 
-    def _tensor(self, name: str, teacher_params: dict[str, torch.Tensor], cache: dict) -> torch.Tensor:
-        if name not in self.derived:
-            return teacher_params[name]
-        if name not in cache:
-            cache[name] = self.derived[name](teacher_params)
-        return cache[name]
+    def _selected(self, src: ParamSource, teacher_params: dict[str, torch.Tensor], cache: dict) -> torch.Tensor:
+        derived = self.derived.get(src.teacher)
+        if derived is None:
+            return src.select(teacher_params[src.teacher])
+        if hasattr(derived, "select"):
+            return derived.select(teacher_params, src.index)
+        if src.teacher not in cache:
+            cache[src.teacher] = derived(teacher_params)
+        return src.select(cache[src.teacher])
 
     def read(self, name: str, teacher_params: dict[str, torch.Tensor]) -> torch.Tensor:
         src = self.sources[name]
-        return src.read(self._tensor(src.teacher, teacher_params, {}))
+        return src.rescale(self._selected(src, teacher_params, {}))
 
-    def read_all(self, teacher_params: dict[str, torch.Tensor], balanced: bool = False) -> dict[str, torch.Tensor]:
+    def read_all(self, teacher_params: dict[str, torch.Tensor], balanced: bool = False,
+                 skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
         cache: dict = {}
-        return {name: src.read(self._tensor(src.teacher, teacher_params, cache), balanced)
-                for name, src in self.sources.items()}
+        return {name: src.rescale(self._selected(src, teacher_params, cache), balanced)
+                for name, src in self.sources.items() if name not in skip}
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
+from .branch_conv import MergedKernel, SharedBranchConv
 from .param_map import ParamMap
 
 
@@ -32,7 +33,19 @@ class SharedStudent(nn.Module):
         self.net = net
         self.param_map = param_map
         self._teacher = (teacher,)  # a tuple, so the teacher is not registered as a submodule
+        self._in_forward = _read_in_forward(net, teacher, param_map)  # parameters its convs read themselves
         self.balanced_grad = False  # see ParamMap / METHOD.md §4: 'paper' (False) or 'balanced' (True)
+
+    @property
+    def balanced_grad(self) -> bool:
+        return self._balanced
+
+    @balanced_grad.setter
+    def balanced_grad(self, value: bool) -> None:
+        self._balanced = value
+        for module in self.net.modules():
+            if isinstance(module, SharedBranchConv):
+                module.balanced = value
 
     @property
     def teacher(self) -> nn.Module:
@@ -54,7 +67,25 @@ class SharedStudent(nn.Module):
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled() and not getattr(self, "_in_gpd", False) and _distributed():
             _warn_outside_gpd()
-        return functional_call(self.net, self.shared_parameters(), args, kwargs, strict=False)
+        params = self.param_map.read_all(dict(self.teacher.named_parameters()), self.balanced_grad, skip=self._in_forward)
+        return functional_call(self.net, params, args, kwargs, strict=False)
+
+
+def _read_in_forward(net: fx.GraphModule, teacher: nn.Module, param_map: ParamMap) -> frozenset[str]:
+    """Make each conv of ``net`` that reads a teacher branch block's merged kernel a ``SharedBranchConv`` (it picks
+    per call how to compute with the slice); returns the names of the kernels those convs now read themselves."""
+    names = set()
+    for name, src in param_map.sources.items():
+        kernel = param_map.derived.get(src.teacher)
+        if isinstance(kernel, MergedKernel):
+            conv_name, _, leaf = name.rpartition(".")
+            parent, _, child = conv_name.rpartition(".")
+            conv = net.get_submodule(conv_name)
+            if leaf == "weight" and type(conv) is nn.Conv2d:
+                shared = SharedBranchConv(conv, teacher.get_submodule(kernel.module), src)
+                (net.get_submodule(parent) if parent else net).add_module(child, shared)
+                names.add(name)
+    return frozenset(names)
 
 
 def _distributed() -> bool:

@@ -48,8 +48,16 @@ class ChannelBranchReparameterization(Pass):
             kinds = applicable_kinds(conv, self.spec.kinds)
             skipped = [k for k in self.spec.kinds if k not in kinds]
             block = BranchConv2d(conv, tuple(kinds))
+            block.student_channels = self._student_channels(f"{node.target}.weight", conv)
             parent, _, leaf = node.target.rpartition(".")
             (gm.get_submodule(parent) if parent else gm).add_module(leaf, block)
             self.param_map.derive(f"{node.target}.weight", MergedKernel(node.target, block))
             log.append(f"{node.target}: branches {list(kinds)}" + (f" (skipped {skipped}: shape/stride/groups)" if skipped else ""))
         return PassResult(gm, True, log=log)
+
+    def _student_channels(self, weight: str, conv: nn.Conv2d) -> tuple[int, int]:
+        """(out, in per group) of the student's kernel that reads this teacher kernel: what its slice costs."""
+        for src in self.param_map.sources.values():
+            if src.teacher == weight:
+                return tuple(len(src.index[d]) if d in src.index else conv.weight.shape[d] for d in (0, 1))
+        return tuple(conv.weight.shape[:2])

@@ -160,15 +160,17 @@ def test_the_student_trained_outside_gpd_under_ddp_warns(tmp_path):
 
 
 def test_one_merge_per_block_per_step(monkeypatch):
-    """The teacher's forward and the student's read of its slice share each block's merged kernel."""
+    """Merged, the teacher's forward and the student's read of its slice share each block's merged kernel."""
     from gpdc import branch_conv
+    from gpdc.branch_plan import MERGED, forced_plan
 
     gpd = gpdc.GPD(expansion(torch.float32))
     blocks = [m for m in gpd.teacher.modules() if isinstance(m, branch_conv.BranchConv2d)]
     calls = []
     real = branch_conv.branch_kernel
     monkeypatch.setattr(branch_conv, "branch_kernel", lambda kind, *a: calls.append(kind) or real(kind, *a))
-    gpd(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))).loss.backward()
+    with forced_plan(MERGED):
+        gpd(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))).loss.backward()
     assert blocks and len(calls) == sum(len(b.kinds) - 1 for b in blocks)
 
 

@@ -1,7 +1,7 @@
 """GPD training: the step, the losses, resume, DDP, ImageFolder data and bad input."""
 
-import json
 import copy
+import json
 import math
 import os
 import subprocess
@@ -76,7 +76,7 @@ def test_one_step_moves_shared_slice_by_both_gradients(strategy, grad):
     g_d = torch.autograd.grad(F.cross_entropy(zd, y), params, allow_unused=True)
     sp = exp.param_map.read_all(dict(exp.teacher.named_parameters()))  # paper scaling
     from torch.func import functional_call
-    z = functional_call(exp.student.net, sp, (x,))
+    z = functional_call(copy.deepcopy(exp.original).train(), sp, (x,))  # the student's architecture, plain
     loss_s = F.cross_entropy(z, y) + 3.0 * soft_cross_entropy(z, F.softmax(zd.detach(), 1), 0.1)
     g_sp = torch.autograd.grad(loss_s, list(sp.values()))
     g_s = {id(p): torch.zeros_like(p) for p in params}

@@ -1,0 +1,166 @@
+"""Each branch block runs merged or branch-wise per call (both the same function), and the student reads its slice
+of a merged kernel without the whole kernel (METHOD.md §3, 'Cost of merging, and when not to')."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gpdc
+from gpdc.branch_conv import (KINDS, BranchConv2d, MergedKernel, SharedBranchConv, applicable_kinds, merge_kernel,
+                              one_merge_per_forward)
+from gpdc.branch_plan import (BRANCHWISE, MERGED, describe_plan, forced_plan, plans_at, student_flops,
+                              teacher_flops)
+
+
+def random_block(draw, dtype=torch.float64) -> BranchConv2d:
+    groups = draw(st.sampled_from([1, 2, 4]))
+    channels = groups * draw(st.integers(1, 3))
+    k = draw(st.sampled_from([3, 5]))
+    conv = nn.Conv2d(channels, channels, k, stride=draw(st.sampled_from([1, 2])), padding=draw(st.sampled_from([0, 1, k // 2])),
+                     dilation=draw(st.sampled_from([1, 2])), groups=groups, bias=draw(st.booleans()),
+                     padding_mode=draw(st.sampled_from(["zeros", "reflect", "circular"])))
+    block = BranchConv2d(conv, tuple(applicable_kinds(conv, KINDS))).to(dtype)
+    with torch.no_grad():
+        block.branch_scale.uniform_(-1, 1)
+    return block
+
+
+def bound(ref: torch.Tensor, other_error: float) -> float:
+    """DESIGN.md §4: float32 rounding of the other way of computing the same function."""
+    return max(1e-5 * max(1.0, float(ref.abs().max())), 10 * other_error)
+
+
+def run(block: BranchConv2d, x: torch.Tensor, plan: str):
+    x = x.clone().requires_grad_(True)
+    with forced_plan(plan):
+        y = block(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    block.zero_grad()
+    return [y.detach()] + grads
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_merged_and_branchwise_agree_forward_and_backward(data):
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    block = random_block(data.draw)
+    x = torch.randn(2, block.in_channels, 13, 13, dtype=torch.float64)
+    ref = run(block, x, MERGED)
+    ours = {plan: run(block.float(), x.float(), plan) for plan in (MERGED, BRANCHWISE)}
+    block.double()
+    for i, r in enumerate(ref):
+        err = {plan: float((t[i].double() - r).abs().max()) for plan, t in ours.items()}
+        assert err[BRANCHWISE] <= bound(r, err[MERGED]), (i, err)
+        assert err[MERGED] <= bound(r, err[BRANCHWISE]), (i, err)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_the_students_slice_equals_the_slice_of_the_whole_kernel(data):
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    block = random_block(data.draw)
+    out_c, in_g = block.weight.shape[:2]
+    index = {0: torch.tensor(data.draw(st.lists(st.integers(0, out_c - 1), min_size=1, max_size=out_c))),
+             1: torch.tensor(data.draw(st.lists(st.integers(0, in_g - 1), min_size=1, max_size=in_g)))}
+    index = {d: i for d, i in index.items() if data.draw(st.booleans())}
+    params = {f"b.{n}": p for n, p in block.named_parameters()}
+    whole = merge_kernel(block.kinds, dict(block.named_parameters()), block.groups)
+    for d, idx in index.items():
+        whole = whole.index_select(d, idx)
+    torch.testing.assert_close(MergedKernel("b", block).select(params, index), whole, rtol=1e-12, atol=1e-12)
+
+
+def wide_block(channels: int = 256, student: int = 128) -> BranchConv2d:
+    block = BranchConv2d(nn.Conv2d(channels, channels, 3, padding=1), ("kxk", "1x1", "1x1_kxk"))
+    block.student_channels = (student, student)
+    return block
+
+
+def test_the_plan_follows_batch_and_spatial_size():
+    block = wide_block()
+    assert block.plan((1, 256, 7, 7)) == BRANCHWISE  # the 2·C′³k² merge would cost more than the convs
+    assert block.plan((256, 256, 7, 7)) == MERGED
+    assert block.plan((1, 256, 112, 112)) == MERGED
+    n = describe_plan(block, (4, 256, 7, 7))["merged_from_batch"]
+    assert describe_plan(block, (n, 256, 7, 7))["plan"] == MERGED
+    assert describe_plan(block, (n - 1, 256, 7, 7))["plan"] == BRANCHWISE
+    assert BranchConv2d(nn.Conv2d(8, 8, 3), ("kxk", "1x1")).plan((1, 8, 3, 3)) == MERGED  # nothing costly to merge
+
+
+def test_inside_a_gpd_step_branchwise_pays_for_the_students_slice():
+    """Merged, the student's slice comes free from the teacher's kernel; branch-wise, the student merges its own slice
+    or runs branch-wise itself, whichever is cheaper."""
+    block = wide_block(student=128)
+    shape = (3, 256, 7, 7)
+    alone, in_gpd = teacher_flops(block, shape, with_student=False), teacher_flops(block, shape, with_student=True)
+    assert in_gpd[MERGED] == alone[MERGED]
+    assert in_gpd[BRANCHWISE] == alone[BRANCHWISE] + min(student_flops(block, shape, whole_merged=False).values())
+    assert student_flops(block, shape, whole_merged=True)[MERGED] == 0
+    with one_merge_per_forward():
+        assert block.plan(shape) == describe_plan(block, shape)["plan"]
+
+
+def expanded(ratio=2.0, **spec):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 8, 8], "expand": {"ratio": ratio, **spec}})
+    with torch.no_grad():
+        for m in exp.teacher.modules():
+            if isinstance(m, BranchConv2d):
+                m.branch_scale.uniform_(-0.5, 0.5)
+    return exp
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "grow"])
+@pytest.mark.parametrize("ratio", [1.5, 2.0])
+def test_a_gpd_step_has_the_same_loss_and_gradients_either_way(ratio, strategy):
+    """Teacher and student run merged or branch-wise: the loss and every gradient agree (float64)."""
+    exp = expanded(ratio, strategy=strategy)
+    assert any(isinstance(m, SharedBranchConv) for m in exp.student.net.modules())
+    gpd = gpdc.GPD(exp, train={"sce_weight": 1.0}).double()
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    results = {}
+    for plan in (MERGED, BRANCHWISE):
+        gpd.zero_grad()
+        with forced_plan(plan):
+            out = gpd(x, y)
+        out.loss.backward()
+        results[plan] = [out.loss.detach()] + [p.grad.clone() for p in gpd.parameters()]
+    for a, b in zip(*results.values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_student_in_balanced_mode_always_merges():
+    exp = expanded()
+    exp.student.balanced_grad = True
+    shared = [m for m in exp.student.net.modules() if isinstance(m, SharedBranchConv)]
+    assert shared and all(m.balanced for m in shared)
+    x = torch.randn(2, 3, 8, 8)
+    with forced_plan(BRANCHWISE), torch.no_grad():
+        a = exp.student.eval()(x)
+    with forced_plan(MERGED), torch.no_grad():
+        b = exp.student(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_plans_are_reported_at_a_batch_size():
+    block = wide_block()
+    model = nn.Sequential(block)
+    plans = plans_at(model, torch.randn(2, 256, 7, 7), batch=1)
+    assert plans["0"]["plan"] == BRANCHWISE and plans["0"]["input"] == [1, 256, 7, 7]
+    assert plans_at(model, torch.randn(2, 256, 7, 7), batch=4096)["0"]["plan"] == MERGED
+    assert model.training  # the eval forward it took leaves the mode as it was
+
+
+@pytest.mark.parametrize("ratio", [1.5, 2.0])
+def test_expand_records_the_students_widths_on_each_block(ratio):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.LazyLinear(4))
+    model(torch.randn(1, 3, 4, 4))
+    exp = gpdc.expand(model, {"input_shape": [1, 3, 4, 4], "expand": {"ratio": ratio}})
+    block = exp.teacher.get_submodule("2")
+    assert block.student_channels == (8, 8) and block.weight.shape[0] == int(8 * ratio)
