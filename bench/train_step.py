@@ -1,9 +1,17 @@
-"""Samples/second of a GPD training step vs a KD step, ResNet-34 → ResNet-18 at 224×224 (random data),
-with the FLOP ratio that bounds the slowdown. Runs unchanged on CPU or CUDA.
+"""A GPD training step against a KD step, ResNet-34 → ResNet-18 at 224×224 (random data), next to the FLOP ratios
+that bound it (METHOD.md §3). Runs unchanged on CPU or CUDA.
 
-    python bench/train_step.py [--batch 8] [--steps 5] [--device auto]
+    python bench/train_step.py [--batches 4,32] [--precisions fp32] [--steps 3] [--device auto]
 
-Writes bench/results/train_step_<device>.json.
+For each batch size and precision it times a KD step, a GPD step (each branch block and the student's conv that
+reads it run the cheaper way at the actual shapes) and a GPD step without branches, and counts their FLOPs
+(forward + backward, torch's FlopCounterMode). Two bounds on the GPD/KD ratio:
+
+* dense bound      FLOPs of a GPD step without branches / a KD step;
+* best-plan bound  FLOPs of the GPD step as run (every block the cheaper way) / a KD step.
+
+Target: time ratio ≤ 1.25 × the best-plan bound. The FLOP ratios at 96×96 (METHOD.md's worked example) and of the
+all-merged plan are counted too. Writes bench/results/train_step_<device>.json.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import os
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,20 +29,21 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import gpdc
+from gpdc.branch_plan import MERGED, forced_plan
 from gpdc.spec import TrainSpec
 from gpdc.train.step import Baseline, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(kind: str, device, batch: int):
+def build(kind: str, device, size: int):
     torch.manual_seed(0)
     static = torchvision.models.resnet34().to(device).eval().requires_grad_(False)
     student = torchvision.models.resnet18()
     if kind == "kd":
         cfg = TrainSpec(gpd=False, kd="dkd")
         return Baseline(student, static, cfg).to(device), cfg
-    spec = gpdc.load_spec(ROOT / "specs/r18.yaml").model_copy(update={"input_shape": [2, 3, 224, 224]})
+    spec = gpdc.load_spec(ROOT / "specs/r18.yaml").model_copy(update={"input_shape": [2, 3, size, size]})
     if kind == "gpd_no_branches":
         spec = spec.model_copy(update={"branches": spec.branches.model_copy(update={"kinds": []})})
     exp = gpdc.expand(student, spec)
@@ -46,52 +56,86 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(kind: str, device, batch: int, steps: int) -> dict:
-    model, cfg = build(kind, device, batch)
+def step_flops(model, cfg, x, y, plan=None) -> int:
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    with FlopCounterMode(display=False) as fc, forced_plan(plan) if plan else nullcontext():
+        train_step(model, params, cfg, x, y, opt)
+    return fc.get_total_flops()
+
+
+def measure(kind: str, device, batch: int, steps: int, precision: str, size: int = 224) -> dict:
+    model, cfg = build(kind, device, size)
+    cfg = cfg.model_copy(update={"precision": precision})
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     model.train()
-    with FlopCounterMode(display=False) as fc:
-        train_step(model, params, cfg, x, y, opt)
-    flops = fc.get_total_flops()
+    row = {"kind": kind, "batch": batch, "precision": precision, "flops_per_step": step_flops(model, cfg, x, y)}
+    if kind == "gpd":
+        row["flops_all_merged"] = step_flops(model, cfg, x, y, MERGED)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     for _ in range(2):
-        train_step(model, params, cfg, x, y, opt)
+        train_step(model, params, cfg, x, y, opt, None, scaler)
     sync(device)
     t = time.perf_counter()
     for _ in range(steps):
-        train_step(model, params, cfg, x, y, opt)
+        train_step(model, params, cfg, x, y, opt, None, scaler)
     sync(device)
     sec = (time.perf_counter() - t) / steps
-    return {"kind": kind, "batch": batch, "step_seconds": sec, "samples_per_second": batch / sec, "flops_per_step": flops}
+    return row | {"step_seconds": sec, "samples_per_second": batch / sec}
+
+
+def flops_only(device, batch: int, size: int) -> dict:
+    """The two bounds at another input size, from FLOP counts alone."""
+    out = {}
+    for kind in ("kd", "gpd", "gpd_no_branches"):
+        model, cfg = build(kind, device, size)
+        model.train()
+        x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
+        out[kind] = step_flops(model, cfg, x, y)
+    return {"batch": batch, "size": size, "dense_bound": out["gpd_no_branches"] / out["kd"],
+            "best_plan_bound": out["gpd"] / out["kd"], "best_plan_over_dense": out["gpd"] / out["gpd_no_branches"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batches", default=None, help="comma-separated (default 4,32 on CPU, 64,256 on CUDA)")
+    ap.add_argument("--precisions", default=None, help="fp32,bf16,fp16 (default fp32 on CPU, fp32,bf16 on CUDA)")
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    batch = args.batch or (64 if device.type == "cuda" else 8)
-    kd = measure("kd", device, batch, args.steps)
-    gpd = measure("gpd", device, batch, args.steps)
-    plain = measure("gpd_no_branches", device, batch, args.steps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"device: {name}, batch {batch}, ResNet-34 → ResNet-18, 224×224")
-    print(f"{'step':16s} {'samples/s':>10s} {'GFLOP/step':>11s}")
-    for r in (kd, gpd, plain):
-        print(f"{r['kind']:16s} {r['samples_per_second']:10.1f} {r['flops_per_step'] / 1e9:11.1f}")
-    ratio = kd["samples_per_second"] / gpd["samples_per_second"]
-    fratio = gpd["flops_per_step"] / kd["flops_per_step"]
-    print(f"GPD step is {ratio:.2f}× slower than KD; the FLOP ratio is {fratio:.2f}×")
-    print(f"without CBR branches: {kd['samples_per_second'] / plain['samples_per_second']:.2f}× slower, "
-          f"FLOP ratio {plain['flops_per_step'] / kd['flops_per_step']:.2f}×")
+    cuda = device.type == "cuda"
+    batches = [int(b) for b in (args.batches or ("64,256" if cuda else "4,32")).split(",")]
+    precisions = (args.precisions or ("fp32,bf16" if cuda else "fp32")).split(",")
+    name = torch.cuda.get_device_name(device) if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    print(f"device: {name}, ResNet-34 → ResNet-18, 224×224, {torch.get_num_threads()} threads")
+    print(f"{'batch':>5s} {'prec':>5s} {'KD s/step':>10s} {'GPD s/step':>11s} {'no-branch s':>11s} {'time ratio':>10s} "
+          f"{'dense bound':>11s} {'best-plan bound':>15s} {'all-merged':>10s} {'≤1.25×bound':>11s}")
+    rows = []
+    for batch in batches:
+        for precision in precisions:
+            kd, gpd, plain = (measure(k, device, batch, args.steps, precision) for k in ("kd", "gpd", "gpd_no_branches"))
+            row = {"batch": batch, "precision": precision, "kd": kd, "gpd": gpd, "gpd_no_branches": plain,
+                   "time_ratio": gpd["step_seconds"] / kd["step_seconds"],
+                   "dense_bound": plain["flops_per_step"] / kd["flops_per_step"],
+                   "best_plan_bound": gpd["flops_per_step"] / kd["flops_per_step"],
+                   "all_merged_bound": gpd["flops_all_merged"] / kd["flops_per_step"]}
+            row["meets_target"] = row["time_ratio"] <= 1.25 * row["best_plan_bound"]
+            rows.append(row)
+            print(f"{batch:5d} {precision:>5s} {kd['step_seconds']:10.3f} {gpd['step_seconds']:11.3f} "
+                  f"{plain['step_seconds']:11.3f} {row['time_ratio']:10.2f} {row['dense_bound']:11.2f} "
+                  f"{row['best_plan_bound']:15.2f} {row['all_merged_bound']:10.2f} {str(row['meets_target']):>11s}",
+                  flush=True)
+    small = [flops_only(device, b, 96) for b in (4, 32)]
+    for s in small:
+        print(f"96×96, batch {s['batch']}: dense bound {s['dense_bound']:.2f}, best-plan bound {s['best_plan_bound']:.2f} "
+              f"= {s['best_plan_over_dense']:.2f}× the dense bound")
     out = ROOT / "bench" / "results" / f"train_step_{device.type}.json"
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "command": "python bench/train_step.py",
-                               "kd": kd, "gpd": gpd, "gpd_no_branches": plain,
-                               "slowdown": ratio, "flop_ratio": fratio}, indent=1))
+    out.write_text(json.dumps({"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "command": "python bench/train_step.py", "rows": rows, "flops_at_96": small}, indent=1))
 
 
 if __name__ == "__main__":

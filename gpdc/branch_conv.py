@@ -68,27 +68,37 @@ def branch_kernel(kind: str, p: dict[str, torch.Tensor], weight: torch.Tensor, g
     if kind == "avg":
         return p["w_avg"].expand(out_c, in_g, kh, kw) / (kh * kw)
     if kind == "1x1_kxk":
-        first = p["w_1x1_kxk_a"].reshape(groups, -1, in_g)  # [g, mid/g, in/g]
-        second = p["w_1x1_kxk_b"].reshape(groups, out_c // groups, -1, kh, kw)  # [g, out/g, mid/g, kh, kw]
+        first, second = p["w_1x1_kxk_a"], p["w_1x1_kxk_b"]  # [mid, in/g, 1, 1], [out, mid/g, kh, kw]
+        if groups == 1:  # Σ_m second[o, m] · first[m, i] as a 1×1 conv over the taps (DBB's transIII): fast
+            return F.conv2d(second, first.transpose(0, 1))
+        first = first.reshape(groups, -1, in_g)  # [g, mid/g, in/g]
+        second = second.reshape(groups, out_c // groups, -1, kh, kw)  # [g, out/g, mid/g, kh, kw]
         return torch.einsum("gomhw,gmi->goihw", second, first).reshape(out_c, in_g, kh, kw)
     if kind == "identity":
-        device = weight.device
-        rows, cols = index or (torch.arange(out_c, device=device) % in_g, torch.arange(in_g, device=device))
-        return _pad_center((rows[:, None] == cols[None, :]).to(weight.dtype)[:, :, None, None], kh, kw)
+        return _pad_center(_one_hot(weight, groups, index), kh, kw)
     if kind == "dw_1x1":
         return p["w_dw_1x1_pw"].reshape(out_c, in_g, 1, 1) * p["w_dw_1x1_dw"].reshape(1, in_g, kh, kw)
     raise ValueError(f"unknown branch kind {kind!r}")
+
+
+def _one_hot(weight: torch.Tensor, groups: int, index=None) -> torch.Tensor:
+    """The identity's 1×1 kernel [O, I/g, 1, 1]: output o reads its own channel (o mod I/g within its group)."""
+    out_c, in_g = weight.shape[:2]
+    device = weight.device
+    rows, cols = index or (torch.arange(out_c, device=device) % in_g, torch.arange(in_g, device=device))
+    return (rows[:, None] == cols[None, :]).to(weight.dtype)[:, :, None, None]
 
 
 _MERGED: ContextVar[dict | None] = ContextVar("gpdc_merged_kernels", default=None)
 
 
 @contextmanager
-def one_merge_per_forward():
-    """Inside it, each block's kernel is merged once from the parameter tensors it is given and then reused: the
-    dynamic teacher's forward and the shared student's read of its slice (``MergedKernel``) share one merged
-    tensor, so a GPD step merges every block once and autograd sees one graph (``gpdc.GPD`` uses it). Blocks
-    also count the student's slice in the cost of not merging (``BranchConv2d.plan``)."""
+def merged_once():
+    """Inside it, each block's kernel is merged once from the parameter tensors it is given and then reused (the
+    tensors must not change inside): the dynamic teacher's forward and the shared student's read of its slice
+    share one merged tensor, so a GPD step (``gpdc.GPD``) merges every block once and autograd sees one graph,
+    and compile's checks and fold merge once for all. Blocks also count the student's slice in the cost of not
+    merging (``BranchConv2d.plan``)."""
     token = _MERGED.set({})
     try:
         yield
@@ -114,11 +124,26 @@ def _key(kinds, groups, skip, p) -> tuple:
 
 
 def _merge(kinds, p, groups, skip=(), index=None) -> torch.Tensor:
+    """Σ_b scale_b ⊙ branch_kernel_b, accumulated in place into one new tensor: the terms that are 1×1 (``1x1``,
+    ``identity``) summed at 1×1 and added to the centre tap, ``avg`` broadcast over the taps. Every pass over a
+    large kernel costs a memory pass, and a new tensor per term would cost page faults too."""
     weight, scale = p["weight"], p["branch_scale"]
-    merged = weight * scale[0].view(-1, 1, 1, 1)
+    kh, kw = weight.shape[2:]
+    merged = weight * scale[0].view(-1, 1, 1, 1)  # a new tensor, so in-place sums into it are safe for autograd
+    centre = None
     for b, kind in enumerate(kinds[1:], start=1):
-        if kind not in skip:
-            merged = merged + branch_kernel(kind, p, weight, groups, index) * scale[b].view(-1, 1, 1, 1)
+        if kind in skip:
+            continue
+        s = scale[b].view(-1, 1, 1, 1)
+        if kind in ("1x1", "identity"):
+            term = (p["w_1x1"] if kind == "1x1" else _one_hot(weight, groups, index)) * s
+            centre = term if centre is None else centre + term
+        elif kind == "avg":
+            merged.add_(p["w_avg"] * (s / (kh * kw)))
+        else:
+            merged.addcmul_(branch_kernel(kind, p, weight, groups, index), s)
+    if centre is not None:
+        merged[:, :, kh // 2, kw // 2] += centre[:, :, 0, 0]
     return merged
 
 
@@ -176,7 +201,7 @@ class BranchConv2d(nn.Conv2d):
         return merge_kernel(self.kinds, self._params(), self.groups)
 
     def plan(self, input_shape) -> str:
-        """How a call at this input shape runs (``branch_plan``); inside ``one_merge_per_forward`` the student's
+        """How a call at this input shape runs (``branch_plan``); inside ``merged_once`` the student's
         cost counts too."""
         return cheaper(teacher_flops(self, input_shape, with_student=_MERGED.get() is not None))
 
@@ -210,24 +235,25 @@ class MergedKernel:
         return merged_slice(self.kinds, self.groups, self._params(teacher_params), index)
 
 
-def whole_merged(kinds, groups, p) -> bool:
-    """Whether this forward already merged the whole kernel of the block with parameters ``p``."""
+def whole_merged(kinds, groups, p, skip=()) -> bool:
+    """Whether this forward already merged the whole kernel (of the kinds not in ``skip``) of the block with
+    parameters ``p``."""
     cache = _MERGED.get()
-    return cache is not None and _key(kinds, groups, (), p) in cache
+    return cache is not None and _key(kinds, groups, skip, p) in cache
 
 
-def merged_slice(kinds, groups, p: dict[str, torch.Tensor], index: dict[int, torch.Tensor]) -> torch.Tensor:
+def merged_slice(kinds, groups, p: dict[str, torch.Tensor], index: dict[int, torch.Tensor], skip=()) -> torch.Tensor:
     """The merged kernel's channels ``index`` (dim → indices): a slice of the whole merged kernel when this
     forward already made it, else merged from the selected parameters without making the whole kernel."""
     weight = p["weight"]
     index = {d: idx.to(weight.device) for d, idx in index.items()}
-    if groups != 1 or whole_merged(kinds, groups, p) or set(index) - {0, 1}:
-        t = merge_kernel(kinds, p, groups)
+    if groups != 1 or whole_merged(kinds, groups, p, skip) or set(index) - {0, 1}:
+        t = merge_kernel(kinds, p, groups, skip)
         for d, idx in index.items():
             t = t.index_select(d, idx)
         return t
     rows, cols = _rows_cols(weight, index)
-    return _merge(kinds, select_params(p, rows, cols), 1, index=(rows, cols))
+    return _merge(kinds, select_params(p, rows, cols), 1, skip, index=(rows, cols))
 
 
 def _rows_cols(weight: torch.Tensor, index: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,10 +284,14 @@ class SharedBranchConv(nn.Conv2d):
         if self.balanced or cheaper(student_flops(block, x.shape, whole)) == MERGED:
             weight = self.source.rescale(merged_slice(block.kinds, block.groups, p, self.source.index), self.balanced)
             return self._conv_forward(x, weight, self.bias)
-        rows, cols = _rows_cols(p["weight"], self.source.index_on(x.device))
-        sp = select_params(p, rows, cols)
-        rest = self.source.rescale(_merge(block.kinds, sp, 1, skip=(SEQUENTIAL,), index=(rows, cols)))
-        first = self.source.rescale(sp["w_1x1_kxk_a"], dims=(1,))
-        second = sp["w_1x1_kxk_b"] * sp["branch_scale"][block.kinds.index(SEQUENTIAL)].view(-1, 1, 1, 1)
-        mid = F.conv2d(x, first, None, 1, 0, 1, 1)
+        index = self.source.index_on(x.device)
+        rest = self.source.rescale(merged_slice(block.kinds, 1, p, index, skip=(SEQUENTIAL,)))
+        first, second = p["w_1x1_kxk_a"], p["w_1x1_kxk_b"]
+        scale = p["branch_scale"][block.kinds.index(SEQUENTIAL)]
+        if 1 in index:
+            first = first.index_select(1, index[1])
+        if 0 in index:
+            second, scale = second.index_select(0, index[0]), scale.index_select(0, index[0])
+        second = second * scale.view(-1, 1, 1, 1)
+        mid = F.conv2d(x, self.source.rescale(first, dims=(1,)), None, 1, 0, 1, 1)
         return self._conv_forward(x, rest, self.bias) + self._conv_forward(mid, self.source.rescale(second, dims=(0,)), None)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
+from .branch_conv import merged_once
 from .branch_plan import describe_plans, recorded_shapes
 from .exactness import check_expansion, check_shape, max_rel_difference
 from .expansion import expand
@@ -63,19 +64,23 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
     out_dir = prepare_out_dir(Path(out) if out else Path("out") / stem, staged)  # the staging folder
     with stage("expand"):
         exp = expand(model, spec)
+        # serialised now (the checks move BN statistics, then restore them), written to disk meanwhile
+        teacher_bytes = save(_tensors(exp.teacher.state_dict()))
+    staged.write_in_background("teacher.safetensors", lambda p: Path(p).write_bytes(teacher_bytes))
     torch.manual_seed(0)
     shape, shape_note = check_shape(exp)
     x = torch.randn(*shape)
-    with stage("check_ir"), recorded_shapes(exp.teacher) as seen:
-        ir = check_expansion(exp, x)
+    with merged_once():  # the parameters stay as they are: checks and fold merge each block once
+        with stage("check_ir"), recorded_shapes(exp.teacher) as seen:
+            ir = check_expansion(exp, x)
+        with stage("fold"):
+            folded_sd = exp.fold_state_dict()
+            folded = exp.fold(state_dict=folded_sd)
+            with torch.no_grad():
+                a, b = exp.student.eval()(x), folded(x)
+            fold_err, fold_leaf = max_rel_difference(a, b)
+            fold = {"max_rel_error": fold_err, "ok": fold_err <= 1e-5, "leaf": fold_leaf}
     plans = describe_plans(seen)
-    with stage("fold"):
-        folded_sd = exp.fold_state_dict()
-        folded = exp.fold(state_dict=folded_sd)
-        with torch.no_grad():
-            a, b = exp.student.eval()(x), folded(x)
-        fold_err, fold_leaf = max_rel_difference(a, b)
-        fold = {"max_rel_error": fold_err, "ok": fold_err <= 1e-5, "leaf": fold_leaf}
     with stage("export"), staged.writing("student.onnx"):
         onnx_path = out_dir / "student.onnx"
         export_onnx(folded, x, onnx_path)
@@ -83,7 +88,7 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
         torch.manual_seed(1)
         eq = check_onnx(onnx_path, folded, torch.randn(*shape))
     with stage("write"):
-        staged.write("teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
+        staged.wait_for_writes()  # the teacher's weights, written meanwhile
         staged.write("student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
     report = exp.report() | {
         "model": model_ref,

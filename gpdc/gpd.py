@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from .branch_conv import one_merge_per_forward
+from .branch_conv import merged_once
 from .expansion import Expansion
 from .outputs import logits_path, pick
 from .errors import SpecError
@@ -104,7 +104,7 @@ class GPD(WithStaticTeacher):
         if self.static_teacher is not None:
             with torch.no_grad():
                 static = self._logits("static teacher", self.static_teacher(x), cfg.teacher_logits)
-        with one_merge_per_forward():
+        with merged_once():
             zd = self._logits("dynamic teacher", self.teacher(x), cfg.logits)
             with self.student.inside_gpd():
                 z = self._logits("student", self.student(x), cfg.logits)

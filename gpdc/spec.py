@@ -126,6 +126,8 @@ class TrainSpec(BaseModel):
         "last.ckpt); fp32 keeps runs exactly reproducible on CPU.")
     channels_last: bool = Field(False, description="Keep 4-d weights and inputs in channels_last memory format.")
     compile: bool = Field(False, description="torch.compile the training objective (teacher and student together).")
+    sync_bn: bool = Field(False, description="In a multi-GPU run, BatchNorm statistics over the global batch "
+                          "(torch.nn.SyncBatchNorm, CUDA only); one process has nothing to synchronise.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step: batch_size is split into this "
                             "many forward/backward passes whose gradients add up (DDP syncs once, on the last).")
     gpd: bool = Field(True, description="Train with GPD (dynamic teacher + shared student); false trains the model alone.")

@@ -26,7 +26,8 @@ from .param_map import ParamMap
 class SharedStudent(nn.Module):
     def __init__(self, student: fx.GraphModule, teacher: nn.Module, param_map: ParamMap):
         super().__init__()
-        net = copy.deepcopy(student)
+        weightless = {id(p): nn.Parameter(p.detach().to("meta")) for p in student.parameters()}
+        net = copy.deepcopy(student, weightless)  # the structure, without copying the weights
         for module in net.modules():
             for name in [k for k, v in module._parameters.items() if v is not None]:
                 del module._parameters[name]

@@ -1,3 +1,4 @@
+import socket
 import warnings
 
 import pytest
@@ -18,3 +19,10 @@ def _registries():
     """Rules and leaves a test registers are gone after it, so no test depends on another's registrations."""
     with scoped():
         yield
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun master (tests: ``from conftest import free_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -252,7 +252,7 @@ def test_full_disk_is_bad_input_and_keeps_the_old_outputs(files, tmp_path, monke
     monkeypatch.setattr(gpdc.compile, "save_file", full)
     r = runner.invoke(main, args)
     assert r.exit_code == 2, r.output
-    assert f"cannot write {out / 'teacher.safetensors'}: No space left on device" in " ".join(r.stderr.split())
+    assert f"cannot write {out / 'student.safetensors'}: No space left on device" in " ".join(r.stderr.split())
     assert "free some space or choose another --out" in r.stderr
     assert {n: (out / n).read_bytes() for n in OWN} == before and not leftovers(out)
 

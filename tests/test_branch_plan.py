@@ -9,7 +9,7 @@ from torch import nn
 
 import gpdc
 from gpdc.branch_conv import (KINDS, BranchConv2d, MergedKernel, SharedBranchConv, applicable_kinds, merge_kernel,
-                              one_merge_per_forward)
+                              merged_once)
 from gpdc.branch_plan import (BRANCHWISE, MERGED, describe_plan, forced_plan, plans_at, student_flops,
                               teacher_flops)
 
@@ -99,7 +99,7 @@ def test_inside_a_gpd_step_branchwise_pays_for_the_students_slice():
     assert in_gpd[MERGED] == alone[MERGED]
     assert in_gpd[BRANCHWISE] == alone[BRANCHWISE] + min(student_flops(block, shape, whole_merged=False).values())
     assert student_flops(block, shape, whole_merged=True)[MERGED] == 0
-    with one_merge_per_forward():
+    with merged_once():
         assert block.plan(shape) == describe_plan(block, shape)["plan"]
 
 

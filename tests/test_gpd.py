@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import gpdc
 from gpdc.exactness import randomize
@@ -25,13 +25,8 @@ from gpdc.train.losses import soft_cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+from conftest import free_port  # noqa: E402
 from model import build_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expansion(dtype=torch.float64):
@@ -167,13 +162,29 @@ def test_one_merge_per_block_per_step(monkeypatch):
     gpd = gpdc.GPD(expansion(torch.float32))
     blocks = [m for m in gpd.teacher.modules() if isinstance(m, branch_conv.BranchConv2d)]
     calls = []
-    real = branch_conv.branch_kernel
-    monkeypatch.setattr(branch_conv, "branch_kernel", lambda kind, *a: calls.append(kind) or real(kind, *a))
+    real = branch_conv._merge
+    monkeypatch.setattr(branch_conv, "_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
     with forced_plan(MERGED):
         gpd(torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))).loss.backward()
-    assert blocks and len(calls) == sum(len(b.kinds) - 1 for b in blocks)
+    assert blocks and len(calls) == len(blocks)
 
 
 def test_a_bad_train_section_is_a_spec_error():
     with pytest.raises(gpdc.SpecError, match="sce_wieght: unknown key"):
         gpdc.GPD(expansion(torch.float32), train={"sce_wieght": 1.0})
+
+
+def test_sync_batchnorm_keeps_the_state_and_the_loss():
+    """Converted for a multi-GPU run, every BatchNorm (the shared student's, which own no parameters, too) is a
+    SyncBatchNorm on the same tables: the same state_dict, the same loss (one process falls back to batch_norm)."""
+    from gpdc.train.distributed import sync_batchnorm
+
+    gpd = gpdc.GPD(expansion(torch.float32))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    before, ref = gpd.state_dict(), gpd(x, y).loss
+    sync_batchnorm(gpd, torch.device("cpu"))
+    kinds = {type(m) for m in gpd.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {nn.SyncBatchNorm}
+    after = gpd.state_dict()
+    assert list(after) == list(before) and all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in after)
+    torch.testing.assert_close(gpd(x, y).loss, ref, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 fires on a small model (which stays exact), replacing a rule warns, ``scoped()`` undoes registrations,
 ``gpdc rules`` lists what is supported, and the README's custom-rule example runs."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -156,9 +157,10 @@ def test_every_integration_has_a_case_that_fires_it():
 
 
 @pytest.mark.parametrize("entry", INTEGRATIONS, ids=lambda e: f"{e.kind}:{e.target}")
-def test_integration_is_registered_once_gpdc_traces(entry):
+def test_integration_is_registered_once_gpdc_traces_with_its_library_imported(entry):
     if not entry.installed:
         pytest.skip(f"{entry.library} is not installed")
+    importlib.import_module(entry.library)  # a model holding its classes has imported it
     gpdc.trace(nn.Conv2d(3, 4, 1), [1, 3, 4, 4])
     assert _registered(entry) is (entry.rule if entry.rule is not None else True)
 
@@ -169,6 +171,14 @@ def test_importing_gpdc_imports_no_model_code_and_a_users_rule_wins():
             "gpdc.register_module_rule(Attention, r); gpdc.trace(torch.nn.Conv2d(3, 4, 1), [1, 3, 4, 4]); "
             "assert gpdc.rules.registry.module_rule(Attention) is r")
     r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_expanding_a_plain_model_imports_no_library_it_does_not_use():
+    code = ("import sys, gpdc, torch; from torch import nn; gpdc.expand(nn.Sequential(nn.Conv2d(3, 4, 3), "
+            "nn.Conv2d(4, 2, 1)), {'input_shape': [1, 3, 4, 4]}); "
+            "assert 'timm' not in sys.modules and 'torchvision.models' not in sys.modules, 'imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 from ..trace import register_leaf_function, register_leaf_module
@@ -111,12 +112,14 @@ INTEGRATIONS: tuple[Integration, ...] = (
 )
 
 
-def register_integrations() -> None:
-    """Apply the table, skipping libraries that are not installed and targets that already have a rule (one a user
-    registered wins); applying it again changes nothing. gpdc applies it when it first traces or analyses a model
-    (and for ``gpdc rules``), so importing gpdc does not import torchvision's and timm's model code."""
+def register_integrations(imported_only: bool = True) -> None:
+    """Apply the table for the libraries already imported (``imported_only``: a model can only hold classes and call
+    functions of a library that is imported, and importing timm costs a third of a second) or for every installed
+    one, skipping targets that already have a rule (one a user registered wins); applying it again changes nothing.
+    gpdc applies it each time it traces or analyses a model (and for ``gpdc rules``, every library), so importing
+    gpdc does not import torchvision's and timm's model code."""
     for entry in INTEGRATIONS:
-        if entry.installed:
+        if entry.library in sys.modules if imported_only else entry.installed:
             target = entry.resolve()
             if entry.rule is None or _TABLES[entry.kind].get(target) is None:
                 _APPLY[entry.kind](target, entry.rule)

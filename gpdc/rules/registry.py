@@ -151,7 +151,7 @@ def catalogue() -> dict:
     """What is registered (``gpdc rules``): rule targets by rule class, per kind of node, and the leaf registries."""
     from .integrations import register_integrations  # noqa: PLC0415 (builds on this registry)
 
-    register_integrations()
+    register_integrations(imported_only=False)
     return {
         "module_rules": _by_rule(_MODULE_RULES),
         "function_rules": _by_rule(_FUNCTION_RULES),

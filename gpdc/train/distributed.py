@@ -11,6 +11,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from ..errors import GpdcError
 
 
 def init() -> tuple[int, int, torch.device]:
@@ -69,3 +72,23 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sync_batchnorm(objective: nn.Module, device: torch.device) -> None:
+    """Every BatchNorm of ``objective`` (teacher and shared student) becomes a SyncBatchNorm in place. The new module
+    takes over the old one's parameter and buffer tables, so the state_dict keys stay (checkpoints, fold) and the
+    shared student's BatchNorms, which own no parameters (they read the teacher's), stay so."""
+    if world() > 1 and device.type != "cuda":
+        raise GpdcError("train.sync_bn needs GPUs: torch's SyncBatchNorm runs on CUDA only. Leave it off on CPU (each "
+                        "rank then normalises over its own part of the batch).")
+    for module in list(objective.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                module.add_module(name, _synced(child))
+
+
+def _synced(bn: nn.modules.batchnorm._BatchNorm) -> nn.SyncBatchNorm:
+    sync = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+    sync._parameters, sync._buffers = bn._parameters, bn._buffers
+    sync.train(bn.training)
+    return sync

@@ -152,6 +152,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         objective = Baseline(logits, static, cfg)
         student = logits
     objective.to(device)
+    if cfg.sync_bn:
+        distributed.sync_batchnorm(objective, device)
     if cfg.channels_last:
         objective.to(memory_format=torch.channels_last)
     params = list(objective.parameters())
