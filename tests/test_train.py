@@ -136,7 +136,11 @@ def test_distill_run_writes_everything(tmp_path):
     assert {"student_acc", "teacher_acc", "static_acc", "student_loss", "teacher_loss", "lr", "seconds"} <= set(metrics[0])
     assert sorted(os.listdir(out)) == ["gap.png", "last.ckpt", "metrics.jsonl", "report.json", "student.onnx",
                                        "student.safetensors", "teacher.safetensors"]
-    assert json.loads((out / "report.json").read_text())["onnx"]["ok"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["ok"]
+    plans = report["branch_plans"]  # how each branch block ran at the training batch
+    assert plans and all(p["input"][0] == tiny_spec(epochs=1).train.batch_size and p["plan"] in ("merged", "branch-wise")
+                         for p in plans.values())
     from safetensors.torch import load_file
     sys.path.insert(0, str(ROOT / "examples/digits"))
     try:

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ..atomic import atomic_write
+from ..branch_plan import plans_at
 from ..errors import GpdcError, InternalError
 from ..expansion import expand
 from ..gpd import GPD
@@ -180,6 +181,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
 
     static_acc = evaluate(static, data, rank, world, device) if static is not None else None
     per_rank = max(1, cfg.batch_size // world)
+    plans = plans_at(exp.teacher, x0.repeat(2, *[1] * (x0.dim() - 1)).to(device), per_rank) if exp else {}
     last = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
     for epoch in range(start, last):
         t0 = time.perf_counter()
@@ -225,12 +227,12 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                 state["scaler"] = scaler.state_dict()
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
     if rank == 0 and last == cfg.epochs:
-        _finish(out_dir, exp, model, params, ema, data, spec, export, metrics)
+        _finish(out_dir, exp, model, params, ema, data, spec, export, metrics, plans)
     distributed.barrier()
     return metrics
 
 
-def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, export: bool, metrics) -> None:
+def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, export: bool, metrics, plans) -> None:
     swap = ema.swapped(params) if ema is not None else nullcontext()
     with swap:
         if exp is not None:
@@ -244,7 +246,8 @@ def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, expo
             folded_sd = folded.state_dict()
         student_sd = {k: v.detach().clone().contiguous() for k, v in folded_sd.items()}
         atomic_write(out_dir / "student.safetensors", lambda p: save_file(student_sd, p))
-    report = {"data": data.name, "epochs": len(metrics), "final": metrics[-1] if metrics else None}
+    report = {"data": data.name, "epochs": len(metrics), "final": metrics[-1] if metrics else None,
+              "branch_plans": plans}  # how each branch block ran at the per-rank batch
     if export:
         x = data.test[0][0].unsqueeze(0).repeat(2, *[1] * data.test[0][0].dim())
         export_onnx(folded, x, out_dir / "student.onnx")
