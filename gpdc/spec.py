@@ -186,6 +186,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid spec {source}: " + "; ".join(parts) + "."
 
 
+def with_overrides(train: "TrainSpec", overrides: dict) -> "TrainSpec":
+    """The spec's train section with values from the command line, validated as if the spec held them (``--epochs 0``
+    is as wrong as ``epochs: 0``)."""
+    try:
+        return TrainSpec.model_validate(train.model_dump() | overrides)
+    except ValidationError as e:
+        given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        raise SpecError(_format_validation_error(e, f"with the command line's {given}")) from None
+
+
 def load_spec(spec: "Spec | dict | str | Path | None") -> Spec:
     """Return a validated ``Spec`` from a Spec, a dict, or a path to a YAML file."""
     if spec is None:

@@ -232,6 +232,74 @@ def test_train_bad_input_exits_2(tmp_path, args, needle):
     assert needle in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs", "0"], "epochs: Input should be greater than or equal to 1"),
+    (["--epochs", "-1"], "epochs: Input should be greater than or equal to 1"),
+    (["--batch-size", "0"], "batch_size: Input should be greater than or equal to 1"),
+    (["--lr", "-1"], "lr: Input should be greater than 0"),
+])
+def test_command_line_overrides_are_validated_like_the_spec(tmp_path, args, needle):
+    r = run_cli("train", STUDENT, "--spec", str(ROOT / "examples/digits/gpd.yaml"), "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    text = " ".join(r.stderr.split())
+    assert needle in text and f"command line's {' '.join(args)}" in text and "Traceback" not in r.stderr, text
+    assert not (tmp_path / "o").exists()  # nothing written, nothing trained
+
+
+def test_a_model_for_other_images_is_a_clear_error_before_training(tmp_path):
+    (tmp_path / "rgb.py").write_text("from torch import nn\n"
+                                     "def build_model():\n"
+                                     "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+                                     "                         nn.Flatten(), nn.Linear(8, 10))\n")
+    r = run_cli("train", str(tmp_path / "rgb.py"), "--spec", str(ROOT / "examples/digits/gpd.yaml"),
+                "--out", str(tmp_path / "o"))
+    text = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "the student cannot run on the data's images (one is [1, 8, 8])" in text, text
+    assert "Traceback" not in r.stderr and not (tmp_path / "o" / "last.ckpt").exists()
+
+
+def test_one_file_holds_student_and_teacher(tmp_path):
+    """--entry and --teacher-entry pick two builders of one file; the teacher's weights come as a DDP checkpoint."""
+    (tmp_path / "both.py").write_text(
+        "from torch import nn\n"
+        "def build_student():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, 10))\n"
+        "def build_teacher():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(16, 10))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import both
+    finally:
+        sys.path.pop(0)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in both.build_teacher().state_dict().items()}, "epoch": 9},
+               tmp_path / "teacher.pth")
+    metrics = train(str(tmp_path / "both.py"), tiny_spec(epochs=1), "digits", str(tmp_path / "o"),
+                    teacher_ref=str(tmp_path / "both.py"), teacher_weights=str(tmp_path / "teacher.pth"),
+                    entry="build_student", teacher_entry="build_teacher", export=False)
+    assert metrics[0]["static_acc"] is not None
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "cannot be read"),
+    (lambda p: p.write_bytes(b"garbage" * 100), "cannot be read"),
+    (lambda p: torch.save({"epoch": 1}, p), "is not a gpdc training checkpoint"),
+    (None, "belongs to another model or spec"),
+], ids=["truncated", "garbage", "foreign", "other_ratio"])
+def test_a_bad_checkpoint_is_a_clear_error_naming_it(tmp_path, damage, needle):
+    out = tmp_path / "o"
+    train(STUDENT, tiny_spec(epochs=2), "digits", str(out), stop_after=1)
+    spec = tiny_spec(epochs=2)
+    if damage is None:
+        spec = spec.model_copy(update={"expand": spec.expand.model_copy(update={"ratio": 2.0})})
+    else:
+        damage(out / "last.ckpt")
+    with pytest.raises(gpdc.GpdcError) as e:
+        train(STUDENT, spec, "digits", str(out), resume=True)
+    assert needle in str(e.value) and str(out / "last.ckpt") in str(e.value), str(e.value)
+
+
 def test_grad_accum_gives_the_full_batch_step():
     """Without BatchNorm, two micro-batches whose losses are weighted by their share give the full-batch step."""
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -27,7 +27,8 @@ from ..expansion import expand
 from ..gpd import GPD
 from ..export import check_onnx, export_onnx
 from ..models import load_model, load_state_dict_strict
-from ..spec import Spec, TrainSpec, load_spec
+from ..spec import Spec, TrainSpec, load_spec, with_overrides
+from ..weights import load_weights
 from . import distributed
 from .data import Data, load_data
 from .ema import EMA
@@ -35,21 +36,19 @@ from .plot import plot_gap
 from .step import Baseline, Logits, logits_of, train_step
 
 
-def load_weights(model: nn.Module, path: str, what: str) -> None:
-    """Load ``path`` (safetensors, or a torch state_dict with weights_only=True) strictly."""
-    p = Path(path)
-    if not p.is_file():
-        raise GpdcError(f"{what} weights {path} do not exist.")
+def _read_checkpoint(path: Path, device: torch.device) -> dict:
+    """``last.ckpt``, or a clear error naming it when it is truncated, garbage or not one of gpdc's."""
     try:
-        state = load_file(str(p)) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GpdcError(f"{what} weights {path} cannot be read ({type(e).__name__}); give a .safetensors file or a "
-                        "torch state_dict saved with torch.save(model.state_dict(), path).") from None
-    try:
-        load_state_dict_strict(model, state)
-    except RuntimeError as e:
-        raise GpdcError(f"{what} weights {path} do not fit the {what} model: {str(e).splitlines()[0]} "
-                        "Pass the weights written for this architecture.") from None
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- whatever torch says, the file is unreadable
+        raise GpdcError(f"--resume: {path} cannot be read ({type(e).__name__}: it is truncated or not a checkpoint, "
+                        "e.g. a run killed while writing one elsewhere). Delete it to start again, or restore a good "
+                        "copy.") from None
+    needed = {"objective", "optimizer", "scheduler", "rng", "epoch", "metrics"}
+    if not isinstance(state, dict) or needed - set(state):
+        raise GpdcError(f"--resume: {path} is not a gpdc training checkpoint (it lacks "
+                        f"{', '.join(sorted(needed - set(state))) if isinstance(state, dict) else 'everything'}).")
+    return state
 
 
 def _optimizer(cfg: TrainSpec, params):
@@ -101,14 +100,14 @@ def evaluate(model: nn.Module, data: Data, rank: int, world: int, device, batch:
 def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str | None = None, *,
           teacher_ref: str | None = None, teacher_weights: str | None = None, student_weights: str | None = None,
           epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
-          resume: bool = False, entry: str = "build_model", export: bool = True, progress=None,
-          stop_after: int | None = None) -> list[dict]:
+          resume: bool = False, entry: str = "build_model", teacher_entry: str | None = None, export: bool = True,
+          progress=None, stop_after: int | None = None) -> list[dict]:
     """Train; returns the per-epoch metrics (also in OUT/metrics.jsonl).
 
     ``stop_after`` ends this run after that many epochs (a time-limited job); ``resume`` continues it."""
     spec = load_spec(spec)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
-    cfg = spec.train.model_copy(update=overrides)
+    cfg = with_overrides(spec.train, overrides)
     rank, world, device = distributed.init()
     data = load_data(data_ref, tuple(spec.input_shape[2:]) if len(spec.input_shape) == 4 else (32, 32))
     stem = student_ref.split(":", 1)[1] if ":" in student_ref else Path(student_ref).stem
@@ -130,7 +129,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         load_weights(model, student_weights, "student")
     static = None
     if teacher_ref:
-        static = load_model(teacher_ref, entry, num_classes=data.num_classes if ":" in teacher_ref else None)
+        static = load_model(teacher_ref, teacher_entry or entry, num_classes=data.num_classes if ":" in teacher_ref else None)
         load_weights(static, teacher_weights, "teacher")
         static.requires_grad_(False)
         static.train(cfg.static_teacher_train_mode)
@@ -168,8 +167,13 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     metrics: list[dict] = []
     start = 0
     if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        objective.load_state_dict(state["objective"], strict=True)
+        state = _read_checkpoint(ckpt_path, device)
+        try:
+            load_state_dict_strict(objective, state["objective"])
+        except RuntimeError as e:
+            raise GpdcError(f"--resume: {ckpt_path} belongs to another model or spec (another ratio, strategy or "
+                            f"branch set?): {str(e).splitlines()[0]} Resume with the spec and model that wrote it, or "
+                            "start again without --resume (another --out keeps it).") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..errors import GpdcError
 from ..gpd import GPDOutput, WithStaticTeacher, kd_loss
 from ..outputs import LeafPath, logits_path, pick
 from ..spec import TrainSpec
@@ -33,9 +34,15 @@ class Logits(nn.Module):
 def logits_of(model: nn.Module, x, key: str | None, what: str) -> nn.Module:
     """``model`` itself if it returns a tensor, else ``Logits`` of the leaf ``key`` (or the default leaf)."""
     was = model.training
-    with torch.no_grad():
-        out = model.eval()(x)
-    model.train(was)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # e.g. a 3-channel stem on 1-channel images
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GpdcError(f"{what} cannot run on the data's images (one is {list(x.shape[1:])}): {detail}. Build the "
+                        "model for images of that shape (channels, size), or choose data that matches it.") from None
+    finally:
+        model.train(was)
     if isinstance(out, torch.Tensor) and key is None:
         return model
     return Logits(model, logits_path(out, key, what))
