@@ -267,22 +267,25 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
 @click.option("--batch-size", type=int, default=None, help="Override train.batch_size.")
 @click.option("--out", default=None, help="Output folder (default out/train_<student>).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.ckpt.")
+@click.option("--save-every", type=click.IntRange(min=1), default=None,
+              help="Also keep OUT/epoch_NNNN.ckpt every N epochs (last.ckpt is always written).")
 @click.option("--seed", type=int, default=0)
 @click.option("--entry", default="build_model", help="Function in model.py that builds the model.")
 @click.option("--teacher-entry", default=None,
               help="Function in the teacher's model.py that builds it (default: --entry), so one file can hold both.")
 def train_cmd(student, spec_path, data, teacher_ref, teacher_weights, student_weights, epochs, lr, batch_size, out,
-              resume, seed, entry, teacher_entry) -> None:
+              resume, save_every, seed, entry, teacher_entry) -> None:
     """GPD training of STUDENT (distill with --teacher, scratch without, finetune with --student-weights)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .train.loop import train
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as progress:
         metrics = train(student, spec_path, data, out, teacher_ref=teacher_ref, teacher_weights=teacher_weights,
                         student_weights=student_weights, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        resume=resume, entry=entry, teacher_entry=teacher_entry, progress=progress)
+                        resume=resume, entry=entry, teacher_entry=teacher_entry, progress=progress,
+                        save_every=save_every, log=lambda line: print(line, flush=True))  # stdout, terminal or not
     if metrics:
         last = metrics[-1]
         parts = [f"{k} {100 * last[k]:.2f}%" for k in ("student_acc", "teacher_acc", "static_acc") if last.get(k) is not None]

@@ -65,6 +65,27 @@ def load_state_dict_strict(model: nn.Module, state: dict) -> None:
         raise StateDictMismatch(detail + ".") from None
 
 
+def import_user_file(path: Path, what: str = "model"):
+    """Import the user's ``path`` as a module (its folder importable meanwhile), with one-line errors."""
+    if path.suffix != ".py" or not path.is_file():
+        raise GpdcError(f"{what} file {path} is not an existing .py file.")
+    spec = importlib.util.spec_from_file_location(f"gpdc_user_{what}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise GpdcError(f"importing {path} failed: {type(e).__name__}: {_one_line(e)}. Fix the file so `python {path}` "
+                        "runs.") from None
+    except SystemExit as e:
+        raise GpdcError(f"importing {path} called sys.exit({e.code!r}); put script code under "
+                        f"`if __name__ == \"__main__\":` so that importing the file only defines the {what}.") from None
+    finally:
+        sys.path.pop(0)
+    return module
+
+
 def load_model(ref: str, entry: str = "build_model", num_classes: int | None = None) -> nn.Module:
     if ref.startswith("torchvision:"):
         import torchvision
@@ -86,20 +107,7 @@ def load_model(ref: str, entry: str = "build_model", num_classes: int | None = N
     path = Path(ref)
     if path.suffix != ".py" or not path.is_file():
         raise GpdcError(f"model '{ref}' is neither an existing .py file nor 'torchvision:NAME' / 'timm:NAME'.")
-    spec = importlib.util.spec_from_file_location(f"gpdc_user_model_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look their module up there
-    sys.path.insert(0, str(path.parent.resolve()))
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise GpdcError(f"importing {path} failed: {type(e).__name__}: {_one_line(e)}. Fix the file so `python {path}` "
-                        "runs.") from None
-    except SystemExit as e:
-        raise GpdcError(f"importing {path} called sys.exit({e.code!r}); put script code under "
-                        "`if __name__ == \"__main__\":` so that importing the file only defines the model.") from None
-    finally:
-        sys.path.pop(0)
+    module = import_user_file(path)
     fn = getattr(module, entry, None)
     if not callable(fn):
         raise GpdcError(f"{path} has no function '{entry}()'. Define `def {entry}(): return MyModel()` in it, "

@@ -151,6 +151,30 @@ class TrainSpec(BaseModel):
         "(an m² step in student coordinates, the reference behaviour); 'balanced': divided back, a plain step.")
 
 
+class DataSpec(BaseModel):
+    """How ``gpdc train`` reads image data (imagefolder, CIFAR, ``py:``): loader and timm transforms."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    workers: int | None = Field(None, ge=0, description="DataLoader worker processes per rank (null: the cores per rank "
+                                "less one, at most 8; 0 decodes on the training process).")
+    pin_memory: bool | None = Field(None, description="Pinned host memory for the batches (null: on CUDA).")
+    bad_images: Literal["stop", "skip"] = Field(
+        "stop", description="An image that cannot be read: 'stop' names it and stops; 'skip' leaves it out and counts "
+        "it in the epoch's line.")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="Training RandomResizedCrop area range (imagefolder).")
+    ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Training RandomResizedCrop aspect range (imagefolder).")
+    hflip: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability in training.")
+    auto_augment: str | None = Field(None, description="timm auto-augment policy for training, e.g. 'rand-m9-mstd0.5' "
+                                     "(imagefolder).")
+    re_prob: float = Field(0.0, ge=0, le=1, description="Random erasing probability in training (imagefolder).")
+    crop_pct: float = Field(0.875, gt=0, le=1, description="Evaluation: resize the shorter side to size / crop_pct, "
+                            "then center-crop (imagefolder).")
+    interpolation: Literal["bilinear", "bicubic"] = Field("bilinear", description="Resize interpolation (imagefolder).")
+    mean: tuple[float, ...] = Field((0.485, 0.456, 0.406), description="Per-channel normalisation mean (imagefolder).")
+    std: tuple[float, ...] = Field((0.229, 0.224, 0.225), description="Per-channel normalisation std (imagefolder).")
+
+
 class Spec(BaseModel):
     """A gpdc spec: the input the model is traced with and how to expand it."""
 
@@ -166,6 +190,7 @@ class Spec(BaseModel):
         description="CBR branches on k×k convs; absent: the paper's default set; `kinds: []` disables them.",
     )
     train: TrainSpec = Field(default_factory=TrainSpec, description="GPD training settings (gpdc train).")
+    data: DataSpec = Field(default_factory=DataSpec, description="Data loading and transforms (gpdc train).")
 
     @field_validator("input_shape")
     @classmethod

@@ -120,7 +120,7 @@ def test_resume_gives_the_same_metrics(tmp_path):
     train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=3, export=False, stop_after=2)
     assert not (tmp_path / "b" / "student.safetensors").exists()
     resumed = train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=3, export=False, resume=True)
-    strip = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if "second" not in k} for m in ms]  # noqa: E731 (timings)
     assert strip(resumed) == strip(full)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
@@ -134,8 +134,10 @@ def test_distill_run_writes_everything(tmp_path):
     metrics = train(STUDENT, tiny_spec(epochs=1), "digits", str(out), teacher_ref=TEACHER,
                     teacher_weights=str(teacher_dir / "student.safetensors"))
     assert {"student_acc", "teacher_acc", "static_acc", "student_loss", "teacher_loss", "lr", "seconds"} <= set(metrics[0])
-    assert sorted(os.listdir(out)) == ["gap.png", "last.ckpt", "metrics.jsonl", "report.json", "student.onnx",
+    assert sorted(os.listdir(out)) == ["best", "gap.png", "last.ckpt", "metrics.jsonl", "report.json", "student.onnx",
                                        "student.safetensors", "teacher.safetensors"]
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["student_acc"] == max(m["student_acc"] for m in metrics)
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["ok"]
     plans = report["branch_plans"]  # how each branch block ran at the training batch
@@ -333,7 +335,7 @@ def test_mixed_precision_runs_and_resumes(tmp_path, options):
     if options["precision"] == "fp16":
         assert "scaler" in torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     resumed = train(STUDENT, spec, "digits", str(tmp_path / "b"), seed=1, export=False, resume=True)
-    strip = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k} for m in ms]  # noqa: E731
+    strip = lambda ms: [{k: v for k, v in m.items() if "second" not in k} for m in ms]  # noqa: E731 (timings)
     assert strip(resumed) == strip(full)
 
 

@@ -12,13 +12,13 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from typing import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ..atomic import atomic_write
 from ..branch_plan import plans_at
@@ -31,6 +31,7 @@ from ..spec import Spec, TrainSpec, load_spec, with_overrides
 from ..weights import load_weights
 from . import distributed
 from .data import Data, load_data
+from .loader import Batches
 from .ema import EMA
 from .plot import plot_gap
 from .step import Baseline, Logits, logits_of, train_step
@@ -72,24 +73,13 @@ def _schedule(cfg: TrainSpec):
     return factor
 
 
-def _batches(ds, indices: torch.Tensor, batch: int, device):
-    if isinstance(ds, TensorDataset):
-        x, y = ds.tensors
-        for i in range(0, len(indices), batch):
-            j = indices[i:i + batch]
-            yield x[j].to(device), y[j].to(device)
-    else:
-        for x, y in DataLoader(Subset(ds, indices.tolist()), batch_size=batch, shuffle=False):
-            yield x.to(device), y.to(device)
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, rank: int, world: int, device, batch: int = 256) -> float:
+def evaluate(model: nn.Module, batches: Batches, device) -> float:
+    """Top-1 accuracy of ``model`` over the test set, each rank its share, summed across ranks."""
     was = model.training
     model.eval()
-    idx = torch.arange(len(data.test))[rank::world]
     correct = total = 0
-    for x, y in _batches(data.test, idx, batch, device):
+    for x, y in batches.epoch(0):
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     model.train(was)
@@ -101,15 +91,16 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
           teacher_ref: str | None = None, teacher_weights: str | None = None, student_weights: str | None = None,
           epochs: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int = 0,
           resume: bool = False, entry: str = "build_model", teacher_entry: str | None = None, export: bool = True,
-          progress=None, stop_after: int | None = None) -> list[dict]:
-    """Train; returns the per-epoch metrics (also in OUT/metrics.jsonl).
+          progress=None, stop_after: int | None = None, save_every: int | None = None,
+          log: Callable[[str], None] | None = None) -> list[dict]:
+    """Train; returns the per-epoch metrics (also in OUT/metrics.jsonl; ``log`` gets one line per epoch).
 
     ``stop_after`` ends this run after that many epochs (a time-limited job); ``resume`` continues it."""
     spec = load_spec(spec)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
     cfg = with_overrides(spec.train, overrides)
     rank, world, device = distributed.init()
-    data = load_data(data_ref, tuple(spec.input_shape[2:]) if len(spec.input_shape) == 4 else (32, 32))
+    data = load_data(data_ref, tuple(spec.input_shape[2:]) if len(spec.input_shape) == 4 else (32, 32), spec.data)
     stem = student_ref.split(":", 1)[1] if ":" in student_ref else Path(student_ref).stem
     out_dir = Path(out) if out else Path("out") / f"train_{stem}"
     if rank == 0:
@@ -183,20 +174,22 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         torch.set_rng_state(state["rng"].cpu())
         start, metrics = state["epoch"] + 1, json.loads(state["metrics"])
 
-    static_acc = evaluate(static, data, rank, world, device) if static is not None else None
     per_rank = max(1, cfg.batch_size // world)
+    train_batches = Batches(data.train, per_rank, device, spec.data, seed, rank, world, shuffle=True)
+    test_batches = Batches(data.test, 256, device, spec.data, seed, rank, world, shuffle=False)
+    static_acc = evaluate(static, test_batches, device) if static is not None else None
     plans = plans_at(exp.teacher, x0.repeat(2, *[1] * (x0.dim() - 1)).to(device), per_rank) if exp else {}
     last = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
     for epoch in range(start, last):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(data.train), generator=g)[rank::world]
         objective.train()
         sums: dict[str, float] = {}
         steps, step_time = 0, 0.0
-        n_batches = math.ceil(len(order) / per_rank)
-        task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=n_batches) if progress and rank == 0 else None
-        for x, y in _batches(data.train, order, per_rank, device):
+        task = (progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_batches), loss="")
+                if progress and rank == 0 else None)
+        images = 0
+        for x, y in train_batches.epoch(epoch):
+            images += len(y)
             ts = time.perf_counter()
             losses = train_step(runner, params, cfg, x, y, optimizer, ema, scaler)
             step_time += time.perf_counter() - ts
@@ -204,21 +197,23 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
             if task is not None:
-                progress.advance(task)
+                progress.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
         distributed.broadcast_buffers(objective)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         swap = ema.swapped(params) if ema is not None else nullcontext()
         with swap:
-            student_acc = evaluate(student, data, rank, world, device)
-            teacher_acc = evaluate(teacher, data, rank, world, device) if teacher is not None else None
+            student_acc = evaluate(student, test_batches, device)
+            teacher_acc = evaluate(teacher, test_batches, device) if teacher is not None else None
         drift = distributed.ranks_differ(objective, device)
         if drift:
             raise InternalError(f"internal error: after epoch {epoch + 1} the ranks' weights differ by up to {drift:.3g}; "
                                 "DistributedDataParallel should keep them identical. This is a gpdc bug; please report it.")
+        images, skipped = distributed.all_sum([images, len(train_batches.skipped)], device)
         row = {"epoch": epoch + 1, "student_acc": student_acc, "teacher_acc": teacher_acc, "static_acc": static_acc,
                **{k: v / max(steps, 1) for k, v in sums.items()}, "lr": lr_now,
-               "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1)}
+               "seconds": time.perf_counter() - t0, "step_seconds": step_time / max(steps, 1),
+               "images_per_second": images / max(step_time, 1e-9), "skipped_images": skipped}
         metrics.append(row)
         if rank == 0:
             lines = "".join(json.dumps(m) + "\n" for m in metrics)
@@ -230,10 +225,38 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
+            if save_every and (epoch + 1) % save_every == 0:
+                atomic_write(out_dir / f"epoch_{epoch + 1:04d}.ckpt", lambda p: torch.save(state, p))
+            if student_acc >= max(m["student_acc"] for m in metrics):
+                with ema.swapped(params) if ema is not None else nullcontext():
+                    _save_best(out_dir, exp, model, row)
+            if log is not None:
+                log(epoch_line(row, cfg.epochs))
     if rank == 0 and last == cfg.epochs:
         _finish(out_dir, exp, model, params, ema, data, spec, export, metrics, plans)
     distributed.barrier()
     return metrics
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """The epoch's line for a log: losses, accuracies, lr, throughput."""
+    acc = " ".join(f"{k.removesuffix('_acc')} {100 * row[k]:.2f}%" for k in ("student_acc", "teacher_acc", "static_acc")
+                   if row.get(k) is not None)
+    losses = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("_loss"))
+    skipped = f" | skipped {row['skipped_images']} unreadable images" if row.get("skipped_images") else ""
+    return (f"epoch {row['epoch']}/{epochs} | {acc} | {losses} | lr {row['lr']:.3g} | "
+            f"{row['images_per_second']:.0f} img/s | {row['seconds']:.1f}s{skipped}")
+
+
+def _save_best(out_dir: Path, exp, model, row: dict) -> None:
+    """``best/``: the folded student of the best epoch so far (by the student's accuracy) and its metrics."""
+    best = out_dir / "best"
+    best.mkdir(exist_ok=True)
+    with torch.no_grad():
+        sd = exp.fold_state_dict() if exp is not None else model.state_dict()
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+    atomic_write(best / "student.safetensors", lambda p: save_file(tensors, p))
+    atomic_write(best / "metrics.json", lambda p: Path(p).write_text(json.dumps(row, indent=2)))
 
 
 def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, export: bool, metrics, plans) -> None:
