@@ -120,14 +120,35 @@ def test_a_users_own_datasets(tmp_path, model_file):
         train(model_file, spec(), f"py:{tmp_path / 'mydata.py'}", str(tmp_path / "o3"))
 
 
-def test_cifar_files_that_fail_the_integrity_check_are_reported_as_such(tmp_path):
+def write_cifar(root: Path, kind: str, train: int = 40, test: int = 20) -> Path:
+    """CIFAR's python-format files with random images (the layout torchvision extracts)."""
+    rng = np.random.default_rng(0)
+    classes, folder, files, key = ((10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                                    "labels") if kind == "cifar10" else
+                                   (100, "cifar-100-python", ["train", "test"], "fine_labels"))
+    (root / folder).mkdir(parents=True)
+    for name in files:
+        n = test if "test" in name else train
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, n))}
+        (root / folder / name).write_bytes(pickle.dumps(batch))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_files_load_and_damaged_ones_are_named(tmp_path, kind):
     from gpdc.train.data import load_data
 
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
-        (folder / name).write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}))
-    with pytest.raises(gpdc.GpdcError, match="fail torchvision's integrity"):
-        load_data(f"cifar10:{tmp_path}")
-    with pytest.raises(gpdc.GpdcError, match="no cifar100 dataset"):
-        load_data(f"cifar100:{tmp_path}")
+    root = write_cifar(tmp_path, kind)
+    data = load_data(f"{kind}:{root}")
+    x, y = data.train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < data.num_classes and len(data.test) == 20
+    victim = next((root).glob("cifar-*/*"))
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    with pytest.raises(gpdc.GpdcError, match=f"{victim.name} fails the integrity check"):
+        load_data(f"{kind}:{root}")
+    victim.unlink()
+    with pytest.raises(gpdc.GpdcError, match=f"{victim.name} is missing"):
+        load_data(f"{kind}:{root}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(gpdc.GpdcError, match="no cifar"):
+        load_data(f"{kind}:{tmp_path / 'empty'}")

@@ -3,8 +3,9 @@
 * ``digits`` (default): scikit-learn's bundled 8×8 digits (1797 images, 10 classes), a fixed split:
   a permutation with seed 0, the first 1437 images (80%) train, the last 360 test. Pixels /16,
   then normalised to mean 0, std 1 with the training split's statistics.
-* ``cifar10:DIR`` / ``cifar100:DIR``: torchvision's datasets already on disk (the python version); training
-  pads by 4, crops 32×32 and flips.
+* ``cifar10:DIR`` / ``cifar100:DIR``: torchvision's python version already extracted under DIR, read directly
+  (each file checked for shape and labels, not against the official checksums, so generated data of the same
+  format works too); training pads by 4, crops 32×32 and flips.
 * ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``DIR/test``) with timm's transforms
   at the spec's input size (``data:`` section): training RandomResizedCrop + flip (+ auto-augment, random
   erasing), evaluation resize by ``crop_pct`` + center crop.
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,24 +51,64 @@ def digits() -> Data:
     return Data(TensorDataset(x[:DIGITS_TRAIN], y[:DIGITS_TRAIN]), TensorDataset(x[DIGITS_TRAIN:], y[DIGITS_TRAIN:]), 10, "digits")
 
 
+_CIFAR = {  # folder, training files, test files, label key, classes (torchvision's python version)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
+}
+
+
+class CifarImages(Dataset):
+    """CIFAR images (uint8 N×32×32×3) and labels, through ``transform`` as PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def _cifar_files(folder: Path, names: list[str], key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of CIFAR's python-format files; a missing, truncated or altered one is named."""
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise GpdcError(f"{path} is missing: {folder} should hold torchvision's extracted python version of the "
+                            "dataset; gpdc never downloads data.")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            data, y = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch[key], dtype=np.int64)
+            ok = data.ndim == 2 and data.shape[1] == 3072 and len(y) == len(data) and (len(y) == 0 or
+                                                                                     0 <= y.min() <= y.max() < classes)
+        except Exception:  # noqa: BLE001 -- unpickling garbage raises anything
+            ok = False
+        if not ok:
+            raise GpdcError(f"{path} fails the integrity check: it is not a CIFAR batch of 32×32 images with labels "
+                            f"0..{classes - 1} (truncated or altered?); extract the original archive there again.")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
+
+
 def _cifar(kind: str, root: str) -> Data:
-    import torchvision
     import torchvision.transforms as T
 
-    cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    sub, train_files, test_files, key, classes = _CIFAR[kind]
+    folder = Path(root) / sub
+    if not folder.is_dir():
+        raise GpdcError(f"no {kind} dataset under {root}: expected torchvision's extracted python version there "
+                        f"({folder}); gpdc never downloads data.")
     norm = T.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    try:
-        train = cls(root, train=True, download=False, transform=train_tf)
-        test = cls(root, train=False, download=False, transform=T.Compose([T.ToTensor(), norm]))
-    except RuntimeError:
-        folder = Path(root) / cls.base_folder
-        if folder.is_dir():
-            raise GpdcError(f"{kind}:{root}: the files in {folder} fail torchvision's integrity (MD5) check — truncated "
-                            "or altered; extract the original archive there again.") from None
-        raise GpdcError(f"no {kind} dataset under {root}: expected torchvision's extracted python version there "
-                        f"({folder}); gpdc never downloads data.") from None
-    return Data(train, test, 10 if kind == "cifar10" else 100, kind)
+    train = CifarImages(*_cifar_files(folder, train_files, key, classes), train_tf)
+    test = CifarImages(*_cifar_files(folder, test_files, key, classes), T.Compose([T.ToTensor(), norm]))
+    return Data(train, test, classes, kind)
 
 
 def _imagefolder(root: str, size: tuple[int, int], spec: DataSpec) -> Data:
