@@ -135,7 +135,16 @@ def test_distill_run_writes_everything(tmp_path):
                     teacher_weights=str(teacher_dir / "student.safetensors"))
     assert {"student_acc", "teacher_acc", "static_acc", "student_loss", "teacher_loss", "lr", "seconds"} <= set(metrics[0])
     assert sorted(os.listdir(out)) == ["best", "gap.png", "last.ckpt", "metrics.jsonl", "report.json", "student.onnx",
-                                       "student.safetensors", "teacher.safetensors"]
+                                       "student.safetensors", "tb", "teacher.safetensors"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"step/student_loss", "step/teacher_loss", "step/lr", "epoch/student_acc", "epoch/teacher_acc",
+            "epoch/images_per_second"} <= scalars, scalars
+    assert "gap" in events.Tags()["images"]
+    assert [e.value for e in events.Scalars("epoch/student_acc")] == pytest.approx([metrics[0]["student_acc"]])
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert best["student_acc"] == max(m["student_acc"] for m in metrics)
     report = json.loads((out / "report.json").read_text())

@@ -35,6 +35,7 @@ from .loader import Batches
 from .ema import EMA
 from .plot import plot_gap
 from .step import Baseline, Logits, logits_of, train_step
+from .tensorboard import TensorBoard
 
 
 def _read_checkpoint(path: Path, device: torch.device) -> dict:
@@ -180,6 +181,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     static_acc = evaluate(static, test_batches, device) if static is not None else None
     plans = plans_at(exp.teacher, x0.repeat(2, *[1] * (x0.dim() - 1)).to(device), per_rank) if exp else {}
     last = cfg.epochs if stop_after is None else min(cfg.epochs, start + stop_after)
+    tb = TensorBoard(out_dir / "tb", start * len(train_batches)) if rank == 0 else None
     for epoch in range(start, last):
         t0 = time.perf_counter()
         objective.train()
@@ -196,6 +198,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
+            if tb is not None:
+                tb.step(epoch * len(train_batches) + steps, losses, optimizer.param_groups[0]["lr"])
             if task is not None:
                 progress.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
         distributed.broadcast_buffers(objective)
@@ -230,10 +234,13 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
             if student_acc >= max(m["student_acc"] for m in metrics):
                 with ema.swapped(params) if ema is not None else nullcontext():
                     _save_best(out_dir, exp, model, row)
+            tb.epoch(metrics)
             if log is not None:
                 log(epoch_line(row, cfg.epochs))
+    if tb is not None:
+        tb.close()
     if rank == 0 and last == cfg.epochs:
-        _finish(out_dir, exp, model, params, ema, data, spec, export, metrics, plans)
+        _finish(out_dir, exp, model, params, ema, data, spec, export, metrics, plans, log or (lambda line: None))
     distributed.barrier()
     return metrics
 
@@ -259,7 +266,8 @@ def _save_best(out_dir: Path, exp, model, row: dict) -> None:
     atomic_write(best / "metrics.json", lambda p: Path(p).write_text(json.dumps(row, indent=2)))
 
 
-def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, export: bool, metrics, plans) -> None:
+def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, export: bool, metrics, plans,
+            log: Callable[[str], None]) -> None:
     swap = ema.swapped(params) if ema is not None else nullcontext()
     with swap:
         if exp is not None:
@@ -275,10 +283,13 @@ def _finish(out_dir: Path, exp, model, params, ema, data: Data, spec: Spec, expo
         atomic_write(out_dir / "student.safetensors", lambda p: save_file(student_sd, p))
     report = {"data": data.name, "epochs": len(metrics), "final": metrics[-1] if metrics else None,
               "branch_plans": plans}  # how each branch block ran at the per-rank batch
+    log(f"folded the student into {type(folded).__name__}: {out_dir / 'student.safetensors'}")
     if export:
         x = data.test[0][0].unsqueeze(0).repeat(2, *[1] * data.test[0][0].dim())
         export_onnx(folded, x, out_dir / "student.onnx")
         report["onnx"] = check_onnx(out_dir / "student.onnx", folded, x).as_dict()
+        log(f"exported {out_dir / 'student.onnx'}: onnxruntime max abs {report['onnx']['max_abs']:.2e}, "
+            + ("equal" if report["onnx"]["ok"] else "DIFFERS"))
     atomic_write(out_dir / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     if metrics:
         plot_gap(metrics, out_dir / "gap.png")

@@ -7,6 +7,17 @@ from pathlib import Path
 
 
 def plot_gap(metrics: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = gap_figure(metrics)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def gap_figure(metrics: list[dict]):
+    """The accuracies per epoch as a matplotlib figure (also TensorBoard's 'gap')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +34,4 @@ def plot_gap(metrics: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
