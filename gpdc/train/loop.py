@@ -202,6 +202,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
                 tb.step(epoch * len(train_batches) + steps, losses, optimizer.param_groups[0]["lr"])
             if task is not None:
                 progress.update(task, advance=1, loss=" ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+        if task is not None:
+            progress.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}: evaluating")
         distributed.broadcast_buffers(objective)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
