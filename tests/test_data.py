@@ -75,7 +75,7 @@ def test_training_images_are_augmented_and_evaluation_is_center_cropped(tmp_path
     assert names[:2] == ["Resize", "CenterCrop"] and ds.test[0][0].shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("policy", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
 def test_a_corrupt_image_is_named_or_skipped(tmp_path, model_file, policy):
     root = imagefolder(tmp_path / "data")
     bad = root / "train" / "class0" / "broken.png"

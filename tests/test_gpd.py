@@ -125,6 +125,7 @@ def test_ddp_keeps_ranks_identical_through_gpd():
     assert "outside gpdc.GPD" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # torchrun with 2 ranks
 def test_the_student_trained_outside_gpd_under_ddp_warns(tmp_path):
     code = (
         "import os, sys, warnings, torch, torch.distributed as dist, gpdc\n"

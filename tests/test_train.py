@@ -183,6 +183,7 @@ def test_imagefolder_run(tmp_path):
     assert len(metrics) == 2 and (tmp_path / "out" / "student.onnx").exists()
 
 
+@pytest.mark.slow  # the fast tier keeps DDP through gpdc.GPD (tests/test_gpd.py)
 def test_ddp_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # three epochs, not two: after two (cosine over two) the student is at 0.57-0.87 depending on the seed (0.73 at
@@ -201,6 +202,7 @@ def test_ddp_two_processes(tmp_path):
     assert (tmp_path / "ddp" / "student.safetensors").exists()
 
 
+@pytest.mark.slow  # torchrun with 2 ranks
 def test_sync_bn_on_cpu_ranks_is_a_clear_error(tmp_path):
     spec = tmp_path / "sync.yaml"
     spec.write_text((ROOT / "examples/digits/gpd.yaml").read_text().replace("train:\n", "train:\n  sync_bn: true\n"))
