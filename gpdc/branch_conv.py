@@ -210,12 +210,19 @@ class BranchConv2d(nn.Conv2d):
             return self._conv_forward(x, self.merged_weight(), self.bias)
         p = self._params()
         rest = merge_kernel(self.kinds, p, self.groups, skip=(SEQUENTIAL,))
-        mid = F.conv2d(x, p["w_1x1_kxk_a"], None, 1, 0, 1, self.groups)
         second = p["w_1x1_kxk_b"] * p["branch_scale"][self.kinds.index(SEQUENTIAL)].view(-1, 1, 1, 1)
-        return self._conv_forward(x, rest, self.bias) + self._conv_forward(mid, second, None)
+        return branchwise(self, x, rest, p["w_1x1_kxk_a"], second)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", branches={list(self.kinds)}"
+
+
+def branchwise(conv: nn.Conv2d, x: torch.Tensor, rest: torch.Tensor, first: torch.Tensor,
+               second: torch.Tensor) -> torch.Tensor:
+    """``conv`` run branch-wise: the conv of the other kinds' merged kernel ``rest`` plus ``1x1_kxk`` as its 1×1
+    (``first``) and k×k (``second``, scaled) convs."""
+    mid = F.conv2d(x, first, None, 1, 0, 1, conv.groups)
+    return conv._conv_forward(x, rest, conv.bias) + conv._conv_forward(mid, second, None)
 
 
 class MergedKernel:
@@ -293,5 +300,4 @@ class SharedBranchConv(nn.Conv2d):
         if 0 in index:
             second, scale = second.index_select(0, index[0]), scale.index_select(0, index[0])
         second = second * scale.view(-1, 1, 1, 1)
-        mid = F.conv2d(x, self.source.rescale(first, dims=(1,)), None, 1, 0, 1, 1)
-        return self._conv_forward(x, rest, self.bias) + self._conv_forward(mid, self.source.rescale(second, dims=(0,)), None)
+        return branchwise(self, x, rest, self.source.rescale(first, dims=(1,)), self.source.rescale(second, dims=(0,)))
