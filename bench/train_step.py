@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -99,6 +100,14 @@ def flops_only(device, batch: int, size: int) -> dict:
             "best_plan_bound": out["gpd"] / out["kd"], "best_plan_over_dense": out["gpd"] / out["gpd_no_branches"]}
 
 
+def bf16_speedups(rows: list[dict]) -> list[dict]:
+    """Samples/s under bf16 autocast over float32, per batch size, for the KD and the GPD step."""
+    by = {(r["batch"], r["precision"]): r for r in rows}
+    return [{"batch": b, **{k: by[b, "bf16"][k]["samples_per_second"] / by[b, "fp32"][k]["samples_per_second"]
+                            for k in ("kd", "gpd")}}
+            for b in sorted({b for b, _ in by}) if (b, "bf16") in by and (b, "fp32") in by]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default=None, help="comma-separated (default 4,32 on CPU, 64,256 on CUDA)")
@@ -110,6 +119,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     batches = [int(b) for b in (args.batches or ("64,256" if cuda else "4,32")).split(",")]
     precisions = (args.precisions or ("fp32,bf16" if cuda else "fp32")).split(",")
+    torch.backends.cudnn.benchmark = cuda  # as a user's GPU run would: each conv's fastest algorithm
     name = torch.cuda.get_device_name(device) if cuda else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     print(f"device: {name}, ResNet-34 → ResNet-18, 224×224, {torch.get_num_threads()} threads")
     print(f"{'batch':>5s} {'prec':>5s} {'KD s/step':>10s} {'GPD s/step':>11s} {'no-branch s':>11s} {'time ratio':>10s} "
@@ -129,13 +139,16 @@ def main() -> None:
                   f"{plain['step_seconds']:11.3f} {row['time_ratio']:10.2f} {row['dense_bound']:11.2f} "
                   f"{row['best_plan_bound']:15.2f} {row['all_merged_bound']:10.2f} {str(row['meets_target']):>11s}",
                   flush=True)
+    speedups = bf16_speedups(rows)
+    for s in speedups:
+        print(f"batch {s['batch']}: bf16 samples/s over fp32 — KD {s['kd']:.2f}×, GPD {s['gpd']:.2f}×")
     small = [flops_only(device, b, 96) for b in (4, 32)]
     for s in small:
         print(f"96×96, batch {s['batch']}: dense bound {s['dense_bound']:.2f}, best-plan bound {s['best_plan_bound']:.2f} "
               f"= {s['best_plan_over_dense']:.2f}× the dense bound")
     out = ROOT / "bench" / "results" / f"train_step_{device.type}.json"
     out.write_text(json.dumps({"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "command": "python bench/train_step.py", "rows": rows, "flops_at_96": small}, indent=1))
+                               "command": " ".join(["python", *sys.argv]), "rows": rows, "bf16_over_fp32": speedups, "flops_at_96": small}, indent=1))
 
 
 if __name__ == "__main__":
