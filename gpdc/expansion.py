@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from .analyze import ChannelAnalysis, Group
+from .features import FeatureTaps, taps_of, teacher_taps
 from .fold import fuse_conv_bn
 from .models import load_state_dict_strict
 from .outputs import LeafPath, OutputMap, map_leaves
@@ -42,11 +43,18 @@ class Expansion:
     output_leaves: list[LeafPath] = field(default_factory=list)  # output leaves that carry channels
     log: list[str] = field(default_factory=list)
     student_width: dict[str, str] = field(default_factory=dict)  # node -> why the teacher runs it unwidened
+    teacher_tap: Callable[[str], tuple[str, OutputMap | None]] | None = None  # student node -> teacher node, map
 
     def student_view(self, teacher_output):
         """The teacher's output with every widened leaf read back to the student's channels (equal to the
         student's output at init): what feature distillation compares."""
         return map_leaves(teacher_output, lambda p, v: self.output_maps[p].read(v) if p in self.output_maps else v)
+
+    def feature_taps(self, patterns: list[str]) -> tuple[FeatureTaps, FeatureTaps]:
+        """The student's features that ``patterns`` name (``features.find_taps``; run them with
+        ``student.features``) and the dynamic teacher's at the same nodes, wider, with their maps back."""
+        student = taps_of(self.original, patterns, "the student")
+        return student, teacher_taps(student, self.teacher, self.teacher_tap)
 
     def report(self) -> dict:
         return {
@@ -121,7 +129,8 @@ def expand(
     log = [f"[{p.name}] {line}" for p, r in zip(pipeline, results) for line in r.log]
     return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan,
                      results[0].artifacts["output_maps"], [*analysis.pinned_outputs, *analysis.free_outputs], log,
-                     {n.name: f.reason for n in student.graph.nodes if isinstance(f := analysis.facts(n), StudentWidth)})
+                     {n.name: f.reason for n in student.graph.nodes if isinstance(f := analysis.facts(n), StudentWidth)},
+                     results[0].artifacts["teacher_tap"])
 
 
 def _check_free_outputs(patterns: list[str], an: ChannelAnalysis) -> None:

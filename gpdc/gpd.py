@@ -20,10 +20,13 @@ from pydantic import ValidationError
 from torch import nn
 
 from .branch_conv import merged_once
-from .expansion import Expansion
-from .outputs import logits_path, pick
 from .errors import SpecError
-from .spec import TrainSpec, _format_validation_error
+from .expansion import Expansion
+from .feature_kd import feature_loss
+from .features import FeatureTaps, taps_of
+from .outputs import logits_path, pick
+from .spec import FeatureSpec, TrainSpec, _format_validation_error
+from .trace import trace
 from .train.losses import dkd, hinton_kd, soft_cross_entropy
 
 
@@ -39,8 +42,8 @@ class GPDOutput:
 
 
 def kd_loss(cfg: TrainSpec, logits: torch.Tensor, static_logits: torch.Tensor | None, target: torch.Tensor):
-    """Distillation from the static teacher (none without one)."""
-    if static_logits is None or cfg.kd == "none":
+    """Distillation of logits from the static teacher (none without one, or with a feature loss)."""
+    if static_logits is None or cfg.kd == "none" or cfg.feature_kd:
         return logits.new_zeros(())
     if cfg.kd == "hinton":
         return hinton_kd(logits, static_logits, cfg.kd_temperature)
@@ -56,12 +59,15 @@ def _train_spec(train: dict) -> TrainSpec:
 
 class WithStaticTeacher(nn.Module):
     """An objective that may read a frozen static teacher: kept in a tuple, so it is neither a parameter nor in the
-    state_dict, moved along by ``.to()``, dtype and memory-format changes, and left in the mode the spec gives it."""
+    state_dict, moved along by ``.to()``, dtype and memory-format changes, and left in the mode the spec gives it.
+    With a feature loss (``train.kd: reviewkd``) it also reads the static teacher's tapped features."""
 
     def __init__(self, static_teacher: nn.Module | None, cfg: TrainSpec):
         super().__init__()
         self.cfg = cfg
         self._static = (static_teacher,)
+        self._paths: dict[str, object] = {}
+        self.static_taps: FeatureTaps | None = None
         if static_teacher is not None:
             static_teacher.requires_grad_(False)
             static_teacher.train(cfg.static_teacher_train_mode)
@@ -69,6 +75,31 @@ class WithStaticTeacher(nn.Module):
     @property
     def static_teacher(self) -> nn.Module | None:
         return self._static[0]
+
+    def _tap_static_teacher(self, features: FeatureSpec, input_shape: list[int]) -> None:
+        if not features.student:
+            raise SpecError(f"train.kd: {self.cfg.kd} distils features, and the spec names none: add a features: "
+                            "section, e.g. `features: {student: [layer1, layer2, layer3, layer4, avgpool]}` (the static "
+                            "teacher's default to the same names; set features.teacher when they differ).")
+        traced = trace(self.static_teacher, input_shape)
+        self.static_taps = taps_of(traced, features.teacher or features.student, "the static teacher",
+                                   self.static_teacher)
+
+    def _static_out(self, x: torch.Tensor):
+        """(static teacher's logits, its tapped features or None), without gradients; (None, None) without one."""
+        if self.static_teacher is None:
+            return None, None
+        with torch.no_grad():
+            out, feats = (self.static_taps(self.static_teacher, x) if self.static_taps is not None
+                          else (self.static_teacher(x), None))
+            return self._logits("static teacher", out, self.cfg.teacher_logits), feats
+
+    def _logits(self, which: str, out, key: str | None):
+        if isinstance(out, torch.Tensor) and key is None:
+            return out
+        if which not in self._paths:
+            self._paths[which] = logits_path(out, key, f"the {which}")
+        return pick(out, self._paths[which])
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -81,35 +112,43 @@ class GPD(WithStaticTeacher):
     """Dynamic teacher + shared student (+ static teacher) of ``expansion`` trained by one loss.
 
     ``train``: the spec's ``train`` section (a ``TrainSpec``, a dict, or None for its defaults) — losses,
-    temperatures, ``student_grad``, and which output leaf holds the logits."""
+    temperatures, ``student_grad``, and which output leaf holds the logits. ``features``: the taps a feature loss
+    (``train.kd: reviewkd | fitnet``) compares (default: the expansion's spec's ``features:``); each of the dynamic
+    teacher and the student then has its own connectors to the static teacher's features."""
 
     def __init__(self, expansion: Expansion, static_teacher: nn.Module | None = None,
-                 train: TrainSpec | dict | None = None):
+                 train: TrainSpec | dict | None = None, features: FeatureSpec | dict | None = None):
         super().__init__(static_teacher, train if isinstance(train, TrainSpec) else _train_spec(train or {}))
         self.teacher = expansion.teacher
         self.student = expansion.student  # reads the teacher's parameters; owns only its BatchNorm buffers
         self.student.balanced_grad = self.cfg.student_grad == "balanced"
-        self._paths: dict[str, object] = {}
-
-    def _logits(self, which: str, out, key: str | None):
-        if isinstance(out, torch.Tensor) and key is None:
-            return out
-        if which not in self._paths:
-            self._paths[which] = logits_path(out, key, f"the {which}")
-        return pick(out, self._paths[which])
+        self.taps: tuple[FeatureTaps, FeatureTaps] | None = None  # (student, dynamic teacher)
+        if self.cfg.feature_kd and static_teacher is not None:
+            features = expansion.spec.features if features is None else FeatureSpec.model_validate(features)
+            self._tap_static_teacher(features, expansion.spec.input_shape)
+            self.taps = expansion.feature_taps(features.student)
+            s, t, static = self.taps[0].shapes, self.taps[1].shapes, self.static_taps.shapes
+            self.feature_kd = nn.ModuleDict({"teacher": feature_loss(self.cfg.kd, t, static, self.cfg, student_shapes=s),
+                                             "student": feature_loss(self.cfg.kd, s, static, self.cfg)})
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
         cfg = self.cfg
-        static = None
-        if self.static_teacher is not None:
-            with torch.no_grad():
-                static = self._logits("static teacher", self.static_teacher(x), cfg.teacher_logits)
+        static, static_feats = self._static_out(x)
         with merged_once():
-            zd = self._logits("dynamic teacher", self.teacher(x), cfg.logits)
-            with self.student.inside_gpd():
-                z = self._logits("student", self.student(x), cfg.logits)
+            if self.taps is None:
+                out_d, feats_d = self.teacher(x), None
+                with self.student.inside_gpd():
+                    out, feats = self.student(x), None
+            else:
+                out_d, feats_d = self.taps[1](self.teacher, x)
+                with self.student.inside_gpd():
+                    out, feats = self.student.features(self.taps[0], x)
+        zd, z = self._logits("dynamic teacher", out_d, cfg.logits), self._logits("student", out, cfg.logits)
         parts = {"teacher_ce": F.cross_entropy(zd, y), "student_ce": F.cross_entropy(z, y)}
-        if static is not None and cfg.kd != "none":
+        if static_feats is not None:
+            parts |= {"teacher_kd": self.feature_kd["teacher"](feats_d, static_feats),
+                      "student_kd": self.feature_kd["student"](feats, static_feats)}
+        elif static is not None and cfg.kd != "none":
             parts |= {"teacher_kd": kd_loss(cfg, zd, static, y), "student_kd": kd_loss(cfg, z, static, y)}
         if cfg.sce_weight > 0:  # the dynamic teacher teaches the student; its logits are a fixed target here
             target = F.softmax(zd.detach() / cfg.sce_temperature, 1)

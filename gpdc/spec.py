@@ -103,6 +103,41 @@ class BranchSpec(BaseModel):
     layers: str = Field("*", description="Glob over conv module names that get branches (e.g. 'layer*').")
 
 
+LOGIT_KD = ("none", "hinton", "dkd")
+
+
+class ReviewKDSpec(BaseModel):
+    """ReviewKD (``train.kd: reviewkd``): defaults are the ImageNet recipe (ResNet-34 → ResNet-18: weight 1, no
+    warm-up); CIFAR-100's is weight 5 (ResNet-32×4 → ResNet-8×4, WRN-40-2 → WRN-16-2) with a 20-epoch warm-up."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    weight: float = Field(1.0, ge=0, description="Weight of the hierarchical context loss.")
+    warmup_epochs: int = Field(0, ge=0, description="The weight grows linearly from 0 over these first epochs.")
+    mid_channels: int | None = Field(None, ge=1, description="Channels inside the ABF connectors (null: the "
+                                     "student's deepest feature's, at most 512, as the reference code).")
+
+
+class FitNetSpec(BaseModel):
+    """FitNets hints (``train.kd: fitnet``): weight 100 as in the CRD benchmark code."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    weight: float = Field(100.0, ge=0, description="Weight of the summed feature MSE.")
+    warmup_epochs: int = Field(0, ge=0, description="The weight grows linearly from 0 over these first epochs.")
+
+
+class FeatureSpec(BaseModel):
+    """Intermediate tensors for feature distillation (``train.kd: reviewkd | fitnet``), paired in order between
+    the student (and so the dynamic teacher, at the same nodes) and the static teacher."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: list[str] = Field(default_factory=list, description="Module names ('layer1'), globs within one "
+                               "dotted segment ('layer*') or torch.fx node names ('layer1_1_add') of the student.")
+    teacher: list[str] | None = Field(None, description="The same for the static teacher (null: the student's names).")
+
+
 class TrainSpec(BaseModel):
     """GPD training (METHOD.md §4). The CLI overrides the common fields (--epochs, --lr, --batch-size, --seed)."""
 
@@ -131,7 +166,10 @@ class TrainSpec(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step: batch_size is split into this "
                             "many forward/backward passes whose gradients add up (DDP syncs once, on the last).")
     gpd: bool = Field(True, description="Train with GPD (dynamic teacher + shared student); false trains the model alone.")
-    kd: Literal["none", "hinton", "dkd"] = Field("dkd", description="Distillation from the static teacher (when one is given).")
+    kd: str = Field("dkd", description="Distillation from the static teacher (when one is given): none, hinton or dkd "
+                    "on logits; reviewkd or fitnet (or a registered feature loss) on the features: section's taps.")
+    reviewkd: ReviewKDSpec = Field(default_factory=ReviewKDSpec, description="ReviewKD settings.")
+    fitnet: FitNetSpec = Field(default_factory=FitNetSpec, description="FitNet settings.")
     kd_temperature: float = Field(4.0, gt=0, description="Hinton KD temperature.")
     dkd_alpha: float = Field(1.0, ge=0, description="DKD target-class weight α.")
     dkd_beta: float = Field(0.5, ge=0, description="DKD non-target weight β (0.5 ResNet-18, 2.0 MobileNet in the paper).")
@@ -149,6 +187,21 @@ class TrainSpec(BaseModel):
     student_grad: Literal["paper", "balanced"] = Field(
         "paper", description="'paper': the student's gradient reaches the shared slice scaled by the IR multiplicity m "
         "(an m² step in student coordinates, the reference behaviour); 'balanced': divided back, a plain step.")
+
+    @field_validator("kd")
+    @classmethod
+    def _known_kd(cls, v: str) -> str:
+        from .feature_kd import FEATURE_LOSSES  # noqa: PLC0415 (torch-side registry)
+
+        known = [*LOGIT_KD, *FEATURE_LOSSES]
+        if v not in known:
+            raise ValueError(f"unknown distillation '{v}'; use one of {', '.join(known)}")
+        return v
+
+    @property
+    def feature_kd(self) -> bool:
+        """Whether ``kd`` distils features (the spec's ``features:`` taps) rather than logits."""
+        return self.kd not in LOGIT_KD
 
 
 class DataSpec(BaseModel):
@@ -191,6 +244,7 @@ class Spec(BaseModel):
     )
     train: TrainSpec = Field(default_factory=TrainSpec, description="GPD training settings (gpdc train).")
     data: DataSpec = Field(default_factory=DataSpec, description="Data loading and transforms (gpdc train).")
+    features: FeatureSpec = Field(default_factory=FeatureSpec, description="Feature taps for feature distillation.")
 
     @field_validator("input_shape")
     @classmethod

@@ -35,6 +35,7 @@ class SharedStudent(nn.Module):
         self.param_map = param_map
         self._teacher = (teacher,)  # a tuple, so the teacher is not registered as a submodule
         self._in_forward = _read_in_forward(net, teacher, param_map)  # parameters its convs read themselves
+        self._runners: dict = {}  # feature-tap code -> _Tapped
         self.balanced_grad = False  # see ParamMap / METHOD.md §4: 'paper' (False) or 'balanced' (True)
 
     @property
@@ -68,8 +69,29 @@ class SharedStudent(nn.Module):
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled() and not getattr(self, "_in_gpd", False) and _distributed():
             _warn_outside_gpd()
-        params = self.param_map.read_all(dict(self.teacher.named_parameters()), self.balanced_grad, skip=self._in_forward)
-        return functional_call(self.net, params, args, kwargs, strict=False)
+        return functional_call(self.net, self._params(), args, kwargs, strict=False)
+
+    def features(self, taps, *args):
+        """``(output, [features])``: the student's forward with feature taps (``Expansion.feature_taps``)."""
+        runner = self._runners.get(taps.code)
+        if runner is None:  # one per taps, so torch.compile sees the same module every step
+            runner = self._runners[taps.code] = _Tapped(self.net, taps.code)
+        return functional_call(runner, {f"net.{k}": v for k, v in self._params().items()}, args, strict=False)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return self.param_map.read_all(dict(self.teacher.named_parameters()), self.balanced_grad, skip=self._in_forward)
+
+
+class _Tapped(nn.Module):
+    """``net`` run by other code of its graph (one with feature outputs); not registered anywhere, so nothing of
+    ``net`` appears twice in a state_dict."""
+
+    def __init__(self, net: nn.Module, code):
+        super().__init__()
+        self.net, self.code = net, code
+
+    def forward(self, *args):
+        return self.code(self.net, *args)
 
 
 def _read_in_forward(net: fx.GraphModule, teacher: nn.Module, param_map: ParamMap) -> frozenset[str]:

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from gpdc.analyze import ChannelAnalysis, rule_errors
+from gpdc.errors import SpecError
 from gpdc.layout import Layout, TeacherLayout
 from gpdc.outputs import OutputMap
 from gpdc.param_map import ParamMap
@@ -50,7 +51,8 @@ class InverseReparameterization(Pass):
         ex = _Expander(gm, self.an, self.plan, self.param_map)
         teacher = ex.run()
         return PassResult(teacher, True, artifacts={"param_map": ex.param_map, "layouts": ex.tl,
-                                                    "output_maps": ex.output_maps()}, log=ex.lines)
+                                                    "output_maps": ex.output_maps(), "teacher_tap": ex.teacher_tap},
+                          log=ex.lines)
 
 
 class _Expander:
@@ -99,6 +101,19 @@ class _Expander:
             L, T = self.an.layouts[node], self.tl[node]
             maps[path] = OutputMap(L.dim, torch.as_tensor(T.positions_of(self.keys(L))), T.width)
         return maps
+
+    def teacher_tap(self, name: str) -> tuple[str, OutputMap | None]:
+        """The teacher node computing the student's node ``name``, and the teacher positions of the first copies of
+        its channels (None: the teacher computes it at the student's width, channel for channel)."""
+        node = next(n for n in self.gm.graph.nodes if n.name == name)
+        new, T = self.env.get(node), self.tl.get(node)
+        if not isinstance(new, fx.Node) or not (T is None or isinstance(T, TeacherLayout)):
+            raise SpecError(f"features: the dynamic teacher computes the student's '{name}' as several tensors (a "
+                            "channel split); tap the tensor before or after it.")
+        if T is None:
+            return new.name, None
+        L = self.an.layouts[node]
+        return new.name, OutputMap(L.dim, torch.as_tensor(T.positions_of(self.keys(L))), T.width)
 
     def _passthrough(self, node: fx.Node) -> None:
         if node.op == "call_module":

@@ -151,21 +151,21 @@ def _roles(model: nn.Module, static: nn.Module | None, x0: torch.Tensor, data: D
         static.requires_grad_(False)
         static.train(cfg.static_teacher_train_mode)
     logits = logits_of(model.eval(), x0, cfg.logits, "the student")
-    if static is not None:
-        static = logits_of(static, x0, cfg.teacher_logits, "the static teacher")
+    static_logits = logits_of(static, x0, cfg.teacher_logits, "the static teacher") if static is not None else None
     with torch.no_grad():
         n_out = logits(x0).shape[-1]
     if n_out != data.num_classes:
         raise GpdcError(f"the student has {n_out} outputs but {data.name} has {data.num_classes} classes; build the "
                         "model with a matching classifier.")
+    input_shape = [2, *x0.shape[1:]]
     if cfg.gpd:
-        exp = expand(model, spec.model_copy(update={"input_shape": [2, *x0.shape[1:]]}))
+        exp = expand(model, spec.model_copy(update={"input_shape": input_shape}))
         objective = GPD(exp, static, cfg)
         student, teacher = (exp.student, exp.teacher) if logits is model else (
             Logits(exp.student, logits.path), Logits(exp.teacher, logits.path))
-        roles = Roles(objective, student, teacher, static, exp, model)
+        roles = Roles(objective, student, teacher, static_logits, exp, model)
     else:
-        roles = Roles(Baseline(logits, static, cfg), logits, None, static, None, model)
+        roles = Roles(Baseline(model, static, cfg, spec.features, input_shape), logits, None, static_logits, None, model)
     roles.objective.to(device)
     if cfg.sync_bn:
         distributed.sync_batchnorm(roles.objective, device)

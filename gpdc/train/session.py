@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import GpdcError
+from ..feature_kd import FeatureLoss
 from ..models import load_state_dict_strict
 from ..spec import TrainSpec
 from .ema import EMA
@@ -57,6 +58,9 @@ class Session:
         """One epoch of steps; ``on_step(step, losses)`` after each. Returns the mean losses, the mean step time,
         the images seen and the seconds the steps took."""
         self.objective.train()
+        for module in self.objective.modules():
+            if isinstance(module, FeatureLoss):
+                module.set_epoch(epoch)  # its weight's warm-up (state of the epoch alone: resumes exactly)
         sums: dict[str, float] = {}
         steps, step_time, images = 0, 0.0, 0
         for x, y in batches.epoch(epoch):

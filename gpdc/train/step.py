@@ -15,9 +15,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import GpdcError
+from ..feature_kd import feature_loss
+from ..features import FeatureTaps, taps_of
 from ..gpd import GPDOutput, WithStaticTeacher, kd_loss
 from ..outputs import LeafPath, logits_path, pick
-from ..spec import TrainSpec
+from ..spec import FeatureSpec, TrainSpec
+from ..trace import trace
 
 
 class Logits(nn.Module):
@@ -50,18 +53,27 @@ def logits_of(model: nn.Module, x, key: str | None, what: str) -> nn.Module:
 
 class Baseline(WithStaticTeacher):
     """The student trained alone (cross-entropy, plus KD from the frozen static teacher if given): the baselines
-    GPD is compared with, behind the same ``forward(x, y)`` as ``gpdc.GPD``."""
+    GPD is compared with, behind the same ``forward(x, y)`` as ``gpdc.GPD``. A feature loss (``train.kd:
+    reviewkd``) reads the spec's ``features:`` taps of both, traced at ``input_shape``."""
 
-    def __init__(self, student: nn.Module, static_teacher: nn.Module | None, cfg: TrainSpec):
+    def __init__(self, student: nn.Module, static_teacher: nn.Module | None, cfg: TrainSpec,
+                 features: FeatureSpec | None = None, input_shape: list[int] | None = None):
         super().__init__(static_teacher, cfg)
         self.student = student
+        self.taps: FeatureTaps | None = None
+        if cfg.feature_kd and static_teacher is not None:
+            self._tap_static_teacher(features or FeatureSpec(), input_shape)
+            self.taps = taps_of(trace(student, input_shape), features.student, "the student", student)
+            self.feature_kd = feature_loss(cfg.kd, self.taps.shapes, self.static_taps.shapes, cfg)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
-        z = self.student(x)
+        static, static_feats = self._static_out(x)
+        out, feats = self.taps(self.student, x) if self.taps is not None else (self.student(x), None)
+        z = self._logits("student", out, self.cfg.logits)
         parts = {"student_ce": F.cross_entropy(z, y)}
-        if self.static_teacher is not None and self.cfg.kd != "none":
-            with torch.no_grad():
-                static = self.static_teacher(x)
+        if static_feats is not None:
+            parts["student_kd"] = self.feature_kd(feats, static_feats)
+        elif static is not None and self.cfg.kd != "none":
             parts["student_kd"] = kd_loss(self.cfg, z, static, y)
         return GPDOutput(sum(parts.values()), parts, z, None)
 
