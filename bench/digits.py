@@ -1,11 +1,11 @@
 """GPD on the bundled digits: test accuracy (mean ± std over seeds) of the student alone, KD, DKD,
-GPD from scratch, GPD + KD and GPD + DKD for both IR strategies, plus the static teacher, and the
-training-step time of GPD relative to KD and to the student alone (same run).
+GPD from scratch, GPD + KD and GPD + DKD for both IR strategies, ReviewKD and GPD + ReviewKD, plus the static
+teacher, and the training-step time of each relative to KD and to the student alone (same run).
 
     python bench/digits.py [--seeds 10] [--epochs 20] [--workers 2]
 
 Writes bench/results/digits.json and bench/results/digits.png, prints a markdown table. Nothing is
-tuned on the test split: every setting is the spec in examples/digits/ (gpd.yaml / teacher.yaml).
+tuned on the test split: every setting is the spec in examples/digits/ (gpd.yaml, reviewkd.yaml, teacher.yaml).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ CONFIGS = {  # name: (train overrides, uses the static teacher)
     "GPD + KD (grow)": ({"gpd": True, "kd": "hinton", "strategy": "grow"}, True),
     "GPD + DKD (grow)": ({"gpd": True, "kd": "dkd", "strategy": "grow"}, True),
     "GPD + DKD (replicate, balanced grad)": ({"gpd": True, "kd": "dkd", "student_grad": "balanced"}, True),
+    "ReviewKD": ({"gpd": False, "kd": "reviewkd"}, True),
+    "GPD + ReviewKD (replicate)": ({"gpd": True, "kd": "reviewkd"}, True),
 }
 
 
@@ -43,6 +45,8 @@ def _spec(overrides: dict, epochs: int):
     from gpdc import Spec
 
     base = yaml.safe_load((ROOT / "examples/digits/gpd.yaml").read_text())
+    if overrides["kd"] == "reviewkd":  # its taps and weights
+        base = yaml.safe_load((ROOT / "examples/digits/reviewkd.yaml").read_text())
     overrides = dict(overrides)
     strategy = overrides.pop("strategy", "replicate")
     base["expand"]["strategy"] = strategy
