@@ -94,6 +94,17 @@ class WithStaticTeacher(nn.Module):
                           else (self.static_teacher(x), None))
             return self._logits("static teacher", out, self.cfg.teacher_logits), feats
 
+    def describe_features(self) -> list[dict[str, str]]:
+        """Each distilled pair of features (for the report and the run's first lines): name and shape per network."""
+        if self.static_taps is None:
+            return []
+        nets = {**self._tapped(), "static teacher": self.static_taps}
+        return [{who: f"{t.names[i]} {'×'.join(map(str, t.shapes[i]))}" for who, t in nets.items()}
+                for i in range(len(self.static_taps.names))]
+
+    def _tapped(self) -> dict[str, FeatureTaps]:
+        return {}
+
     def _logits(self, which: str, out, key: str | None):
         if isinstance(out, torch.Tensor) and key is None:
             return out
@@ -130,6 +141,9 @@ class GPD(WithStaticTeacher):
             s, t, static = self.taps[0].shapes, self.taps[1].shapes, self.static_taps.shapes
             self.feature_kd = nn.ModuleDict({"teacher": feature_loss(self.cfg.kd, t, static, self.cfg, student_shapes=s),
                                              "student": feature_loss(self.cfg.kd, s, static, self.cfg)})
+
+    def _tapped(self) -> dict[str, FeatureTaps]:
+        return {"student": self.taps[0], "dynamic teacher": self.taps[1]} if self.taps else {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
         cfg = self.cfg

@@ -284,3 +284,32 @@ def test_gpd_reviewkd_under_torchrun(tmp_path, digits_teacher):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["student_acc"] > 0.3, lines
+
+
+def test_a_registered_feature_loss_of_ones_own(monkeypatch):
+    """README's attention transfer: registered by name, accepted by the spec, built for teacher and student."""
+    from gpdc import feature_kd
+
+    monkeypatch.setattr(feature_kd, "FEATURE_LOSSES", dict(feature_kd.FEATURE_LOSSES))
+    at = lambda f: F.normalize(f.pow(2).mean(1).flatten(1))  # noqa: E731
+
+    @gpdc.register_feature_loss("at")
+    class AttentionTransfer(gpdc.FeatureLoss):
+        def __init__(self, student, teacher, cfg, student_shapes=None):
+            super().__init__(student, teacher, weight=1000.0)
+
+        def forward(self, fs, ft):
+            return self.scaled(sum((at(s) - at(t)).pow(2).mean() for s, t in zip(fs, ft)))
+
+    exp = expanded()
+    static = randomize(Net(8)).double().eval()
+    gpd = gpdc.GPD(exp, static, {"kd": "at"}, features={"student": ["stem", "relu"]})
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    parts = gpd(x, y).parts
+    with torch.no_grad():
+        _, fs = exp.student.features(gpd.taps[0], x)
+        _, ft = gpd.static_taps(static, x)
+    want = 1000.0 * sum((at(s) - at(t)).pow(2).mean() for s, t in zip(fs, ft))
+    torch.testing.assert_close(parts["student_kd"].detach(), want)
+    with pytest.raises(gpdc.SpecError, match="unknown distillation 'attention'.*at"):
+        gpdc.GPD(exp, static, {"kd": "attention"})

@@ -45,15 +45,17 @@ def teacher_weights(tmp_path_factory):
 CASES = [pytest.param(recipe, s, t, id=f"{recipe}-{s.removeprefix('build_')}",
                       marks=() if (recipe, s) == ("gpd_dkd", "build_resnet8x4") else pytest.mark.slow)
          for s, t in PAIRS for recipe in ("kd", "dkd", "gpd_dkd")]  # the fast tier runs one
+CASES += [pytest.param(recipe, "build_resnet8x4", "build_resnet32x4", id=f"{recipe}-resnet8x4", marks=pytest.mark.slow)
+          for recipe in ("reviewkd", "gpd_reviewkd")]  # their taps name the CIFAR ResNets' stages
 
 
 @pytest.mark.parametrize("recipe,student,teacher", CASES)
 def test_cifar100_recipe_runs(tmp_path, cifar, teacher_weights, recipe, student, teacher):
     metrics = train(MODELS, short(CIFAR / f"{recipe}.yaml"), f"cifar100:{cifar}", str(tmp_path / "o"),
                     teacher_ref=MODELS, teacher_weights=str(teacher_weights / f"{teacher}.pth"), entry=student,
-                    teacher_entry=teacher, export=recipe == "gpd_dkd")
+                    teacher_entry=teacher, export=recipe.startswith("gpd"))
     assert len(metrics) == 1 and metrics[0]["static_acc"] is not None
-    assert (metrics[0]["teacher_acc"] is not None) == (recipe == "gpd_dkd")
+    assert (metrics[0]["teacher_acc"] is not None) == recipe.startswith("gpd")
 
 
 def test_cifar100_teacher_recipe_runs(tmp_path, cifar):
@@ -63,7 +65,7 @@ def test_cifar100_teacher_recipe_runs(tmp_path, cifar):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["r34_r18_gpd_dkd", "r34_r18_dkd"])
+@pytest.mark.parametrize("recipe", ["r34_r18_gpd_dkd", "r34_r18_dkd", "r34_r18_gpd_reviewkd", "r34_r18_reviewkd"])
 def test_imagenet_recipe_runs_on_an_imagefolder(tmp_path, recipe):
     data = imagefolder(tmp_path / "data", per_class=2, size=40)
     import torchvision

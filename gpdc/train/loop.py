@@ -80,6 +80,9 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
         load_weights(static, teacher_weights, "teacher")
     x0 = data.train[0][0].unsqueeze(0)
     roles = _roles(model, static, x0, data, spec, cfg, device)
+    if rank == 0 and log is not None:
+        for i, pair in enumerate(roles.objective.describe_features(), 1):
+            log(f"{cfg.kd} feature {i}: " + " | ".join(f"{who} {what}" for who, what in pair.items()))
     session = Session.create(roles.objective, cfg, device, world)
     start, metrics = session.restore(ckpt_path, device) if resume else (0, [])
 
@@ -239,7 +242,8 @@ def _finish(out_dir: Path, roles: Roles, session: Session, data: Data, export: b
         student_sd = {k: v.detach().clone().contiguous() for k, v in folded_sd.items()}
         atomic_write(out_dir / "student.safetensors", lambda p: save_file(student_sd, p))
     report = {"data": data.name, "epochs": len(metrics), "final": metrics[-1] if metrics else None,
-              "branch_plans": plans}  # how each branch block ran at the per-rank batch
+              "branch_plans": plans,  # how each branch block ran at the per-rank batch
+              "features": roles.objective.describe_features()}  # the distilled pairs, per network
     log(f"folded the student into {type(folded).__name__}: {out_dir / 'student.safetensors'}")
     if export:
         x = data.test[0][0].unsqueeze(0).repeat(2, *[1] * data.test[0][0].dim())

@@ -66,6 +66,9 @@ class Baseline(WithStaticTeacher):
             self.taps = taps_of(trace(student, input_shape), features.student, "the student", student)
             self.feature_kd = feature_loss(cfg.kd, self.taps.shapes, self.static_taps.shapes, cfg)
 
+    def _tapped(self) -> dict[str, FeatureTaps]:
+        return {"student": self.taps} if self.taps else {}
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> GPDOutput:
         static, static_feats = self._static_out(x)
         out, feats = self.taps(self.student, x) if self.taps is not None else (self.student(x), None)
