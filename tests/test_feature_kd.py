@@ -313,3 +313,32 @@ def test_a_registered_feature_loss_of_ones_own(monkeypatch):
     torch.testing.assert_close(parts["student_kd"].detach(), want)
     with pytest.raises(gpdc.SpecError, match="unknown distillation 'attention'.*at"):
         gpdc.GPD(exp, static, {"kd": "attention"})
+
+
+def _zoo(name: str) -> nn.Module:
+    import timm
+    import torchvision
+
+    if name.startswith("timm:"):
+        kw = {"img_size": 32} if "vit" in name else {}
+        return timm.create_model(name[5:], num_classes=10, **kw)
+    return getattr(torchvision.models, name)(num_classes=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,taps", [("mobilenet_v2", "features.*"), ("densenet121", "features.denseblock*"),
+                                       ("timm:efficientnet_b0", "blocks.*"), ("timm:vit_tiny_patch16_224", "blocks.*")])
+def test_zoo_taps_read_back_exactly(name, taps):
+    """Real architectures, every stage tapped: the dynamic teacher's features read back are the student's."""
+    torch.manual_seed(0)
+    exp = gpdc.expand(randomize(_zoo(name)).eval(), {"input_shape": [2, 3, 32, 32], "expand": {"ratio": 2.0}})
+    student, teacher = exp.feature_taps([taps])
+    assert len(student.names) >= 4, student.names
+    x = torch.randn(2, 3, 32, 32)
+    for norm_train in (False, True):
+        with torch.no_grad():
+            _, ref = student(set_mode(copy.deepcopy(exp.original).double(), norm_train), x.double())
+            _, own = student(set_mode(copy.deepcopy(exp.original), norm_train), x)
+            _, wide = teacher(set_mode(exp.teacher, norm_train), x)
+        e = compare(teacher.student_view(wide), ref, own)
+        assert e.ok, (norm_train, e)
