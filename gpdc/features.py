@@ -89,6 +89,10 @@ def teacher_taps(student_taps: FeatureTaps, teacher: fx.GraphModule, teacher_tap
     """The dynamic teacher's taps at the student's: the teacher node computing each, and its channel map."""
     by_name = {n.name: n for n in teacher.graph.nodes}
     names, maps = zip(*(teacher_tap(name) for name in student_taps.nodes))
+    dead = [label for label, n in zip(student_taps.names, names) if n not in by_name]
+    if dead:
+        raise SpecError(f"features: {', '.join(repr(d) for d in dead)} computes nothing the model's output uses, so "
+                        "the dynamic teacher does not compute it; tap a tensor on the way to the output.")
     nodes = [by_name[n] for n in names]
     shapes = [s if m is None else s[:m.dim - 1] + (m.teacher_width,) + s[m.dim:]
               for s, m in zip(student_taps.shapes, maps)]

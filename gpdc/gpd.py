@@ -22,7 +22,7 @@ from torch import nn
 from .branch_conv import merged_once
 from .errors import SpecError
 from .expansion import Expansion
-from .feature_kd import feature_loss
+from .feature_kd import FeatureLoss, feature_loss
 from .features import FeatureTaps, taps_of
 from .outputs import logits_path, pick
 from .spec import FeatureSpec, TrainSpec, _format_validation_error
@@ -50,11 +50,14 @@ def kd_loss(cfg: TrainSpec, logits: torch.Tensor, static_logits: torch.Tensor | 
     return dkd(logits, static_logits, target, cfg.dkd_alpha, cfg.dkd_beta, cfg.dkd_temperature)
 
 
-def _train_spec(train: dict) -> TrainSpec:
+def _validated(cls, value, what: str):
+    """``value`` (a dict) as the spec section ``cls``, or a SpecError naming what is wrong."""
+    if isinstance(value, cls):
+        return value
     try:
-        return TrainSpec.model_validate(train)
+        return cls.model_validate(value or {})
     except ValidationError as e:
-        raise SpecError(_format_validation_error(e, "gpdc.GPD(train=...)")) from None
+        raise SpecError(_format_validation_error(e, f"gpdc.GPD({what}=...)")) from None
 
 
 class WithStaticTeacher(nn.Module):
@@ -94,6 +97,12 @@ class WithStaticTeacher(nn.Module):
                           else (self.static_teacher(x), None))
             return self._logits("static teacher", out, self.cfg.teacher_logits), feats
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the feature losses the epoch (0-based) that starts: their weight's warm-up (``warmup_epochs``)."""
+        for module in self.modules():
+            if isinstance(module, FeatureLoss):
+                module.set_epoch(epoch)
+
     def describe_features(self) -> list[dict[str, str]]:
         """Each distilled pair of features (for the report and the run's first lines): name and shape per network."""
         if self.static_taps is None:
@@ -129,13 +138,13 @@ class GPD(WithStaticTeacher):
 
     def __init__(self, expansion: Expansion, static_teacher: nn.Module | None = None,
                  train: TrainSpec | dict | None = None, features: FeatureSpec | dict | None = None):
-        super().__init__(static_teacher, train if isinstance(train, TrainSpec) else _train_spec(train or {}))
+        super().__init__(static_teacher, _validated(TrainSpec, train, "train"))
         self.teacher = expansion.teacher
         self.student = expansion.student  # reads the teacher's parameters; owns only its BatchNorm buffers
         self.student.balanced_grad = self.cfg.student_grad == "balanced"
         self.taps: tuple[FeatureTaps, FeatureTaps] | None = None  # (student, dynamic teacher)
         if self.cfg.feature_kd and static_teacher is not None:
-            features = expansion.spec.features if features is None else FeatureSpec.model_validate(features)
+            features = expansion.spec.features if features is None else _validated(FeatureSpec, features, "features")
             self._tap_static_teacher(features, expansion.spec.input_shape)
             self.taps = expansion.feature_taps(features.student)
             s, t, static = self.taps[0].shapes, self.taps[1].shapes, self.static_taps.shapes

@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import GpdcError
-from ..feature_kd import FeatureLoss
 from ..models import load_state_dict_strict
 from ..spec import TrainSpec
 from .ema import EMA
@@ -58,9 +57,7 @@ class Session:
         """One epoch of steps; ``on_step(step, losses)`` after each. Returns the mean losses, the mean step time,
         the images seen and the seconds the steps took."""
         self.objective.train()
-        for module in self.objective.modules():
-            if isinstance(module, FeatureLoss):
-                module.set_epoch(epoch)  # its weight's warm-up (state of the epoch alone: resumes exactly)
+        self.objective.set_epoch(epoch)  # feature losses' warm-up: a function of the epoch alone, so resume is exact
         sums: dict[str, float] = {}
         steps, step_time, images = 0, 0.0, 0
         for x, y in batches.epoch(epoch):

@@ -61,8 +61,9 @@ class Baseline(WithStaticTeacher):
         super().__init__(static_teacher, cfg)
         self.student = student
         self.taps: FeatureTaps | None = None
+        features = features or FeatureSpec()
         if cfg.feature_kd and static_teacher is not None:
-            self._tap_static_teacher(features or FeatureSpec(), input_shape)
+            self._tap_static_teacher(features, input_shape)
             self.taps = taps_of(trace(student, input_shape), features.student, "the student", student)
             self.feature_kd = feature_loss(cfg.kd, self.taps.shapes, self.static_taps.shapes, cfg)
 
