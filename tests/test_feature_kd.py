@@ -342,3 +342,14 @@ def test_zoo_taps_read_back_exactly(name, taps):
             _, wide = teacher(set_mode(exp.teacher, norm_train), x)
         e = compare(teacher.student_view(wide), ref, own)
         assert e.ok, (norm_train, e)
+
+
+def test_a_wrong_tap_on_the_command_line_is_one_paragraph_and_nothing_written(tmp_path, digits_teacher):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(SPEC.read_text().replace("[stage1, down, stage2, pool]", "[stage1, dwn, stage2, pool]"))
+    r = subprocess.run([sys.executable, "-m", "gpdc", "train", str(DIGITS / "student.py"), "--spec", str(spec),
+                        "--teacher", str(DIGITS / "teacher.py"), "--teacher-weights", str(digits_teacher),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "'dwn' names no module or node of the static teacher" in r.stderr and "down, fc, pool" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -64,7 +64,7 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     cfg = with_overrides(spec.train, overrides)
     rank, world, device = distributed.init()
     data = load_data(data_ref, tuple(spec.input_shape[2:]) if len(spec.input_shape) == 4 else (32, 32), spec.data)
-    out_dir = _out_dir(out, student_ref, rank)
+    out_dir = _out_dir(out, student_ref)
     ckpt_path = out_dir / "last.ckpt"
     if resume and not ckpt_path.is_file():
         raise GpdcError(f"--resume: no checkpoint {ckpt_path}; run without --resume first (same --out).")
@@ -81,10 +81,11 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     x0 = data.train[0][0].unsqueeze(0)
     roles = _roles(model, static, x0, data, spec, cfg, device)
     if rank == 0 and log is not None:
-        for i, pair in enumerate(roles.objective.describe_features(), 1):
-            log(f"{cfg.kd} feature {i}: " + " | ".join(f"{who} {what}" for who, what in pair.items()))
+        _log_features(roles.objective, spec, static is not None, log)
     session = Session.create(roles.objective, cfg, device, world)
     start, metrics = session.restore(ckpt_path, device) if resume else (0, [])
+    if rank == 0:
+        _create(out_dir)  # once the run is known to start: a refused one leaves nothing behind
 
     per_rank = max(1, cfg.batch_size // world)
     train_batches = Batches(data.train, per_rank, device, spec.data, seed, rank, world, shuffle=True)
@@ -177,15 +178,27 @@ def _roles(model: nn.Module, static: nn.Module | None, x0: torch.Tensor, data: D
     return roles
 
 
-def _out_dir(out: str | None, student_ref: str, rank: int) -> Path:
+def _log_features(objective, spec: Spec, with_teacher: bool, log: Callable[[str], None]) -> None:
+    """What feature distillation does in this run: each distilled pair, or why the spec's taps go unused."""
+    kd = spec.train.kd
+    for i, pair in enumerate(objective.describe_features(), 1):
+        log(f"{kd} feature {i}: " + " | ".join(f"{who} {what}" for who, what in pair.items()))
+    if spec.features.student and not spec.train.feature_kd:
+        log(f"features: not used: train.kd is {kd}, which distils logits (reviewkd or fitnet distil features)")
+    elif spec.train.feature_kd and not with_teacher:
+        log(f"train.kd: {kd} needs a static teacher (--teacher); this run distils nothing from one")
+
+
+def _out_dir(out: str | None, student_ref: str) -> Path:
     stem = student_ref.split(":", 1)[1] if ":" in student_ref else Path(student_ref).stem
-    out_dir = Path(out) if out else Path("out") / f"train_{stem}"
-    if rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise GpdcError(f"cannot create the output folder {out_dir} ({e.strerror}); pass a writable --out.") from None
-    return out_dir
+    return Path(out) if out else Path("out") / f"train_{stem}"
+
+
+def _create(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GpdcError(f"cannot create the output folder {out_dir} ({e.strerror}); pass a writable --out.") from None
 
 
 def _save_epoch(out_dir: Path, session: Session, roles: Roles, metrics: list[dict], save_every: int | None,
