@@ -1,11 +1,12 @@
 """A GPD training step against a KD step, ResNet-34 → ResNet-18 at 224×224 (random data), next to the FLOP ratios
 that bound it (METHOD.md §3). Runs unchanged on CPU or CUDA.
 
-    python bench/train_step.py [--batches 4,32] [--precisions fp32] [--steps 3] [--device auto]
+    python bench/train_step.py [--batches 4,32] [--precisions fp32] [--steps 2] [--rounds 3] [--device auto]
 
 For each batch size and precision it times a KD step, a GPD step (each branch block and the student's conv that
 reads it run the cheaper way at the actual shapes) and a GPD step without branches, and counts their FLOPs
-(forward + backward, torch's FlopCounterMode). Two bounds on the GPD/KD ratio:
+(forward + backward, torch's FlopCounterMode); the three are timed in alternating rounds, the best round of each
+reported (a shared machine's drift hits all alike). Two bounds on the GPD/KD ratio:
 
 * dense bound      FLOPs of a GPD step without branches / a KD step;
 * best-plan bound  FLOPs of the GPD step as run (every block the cheaper way) / a KD step.
@@ -65,27 +66,50 @@ def step_flops(model, cfg, x, y, plan=None) -> int:
     return fc.get_total_flops()
 
 
-def measure(kind: str, device, batch: int, steps: int, precision: str, size: int = 224) -> dict:
-    model, cfg = build(kind, device, size)
-    cfg = cfg.model_copy(update={"precision": precision})
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True)  # as gpdc train: one pass per parameter
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    model.train()
-    row = {"kind": kind, "batch": batch, "precision": precision, "flops_per_step": step_flops(model, cfg, x, y)}
-    if kind == "gpd":
-        row["flops_all_merged"] = step_flops(model, cfg, x, y, MERGED)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    for _ in range(2):
-        train_step(model, params, cfg, x, y, opt, None, scaler)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, params, cfg, x, y, opt, None, scaler)
-    sync(device)
-    sec = (time.perf_counter() - t) / steps
-    return row | {"step_seconds": sec, "samples_per_second": batch / sec}
+class Stepper:
+    """One kind's model, optimiser and batch, ready to time steps."""
+
+    def __init__(self, kind: str, device, batch: int, precision: str, size: int = 224):
+        self.model, cfg = build(kind, device, size)
+        self.cfg = cfg.model_copy(update={"precision": precision})
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9, fused=True)  # as gpdc train: one pass each
+        self.x = torch.randn(batch, 3, size, size, device=device)
+        self.y = torch.randint(0, 1000, (batch,), device=device)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.device = device
+        self.model.train()
+        self.row = {"kind": kind, "batch": batch, "precision": precision,
+                    "flops_per_step": step_flops(self.model, self.cfg, self.x, self.y)}
+        if kind == "gpd":
+            self.row["flops_all_merged"] = step_flops(self.model, self.cfg, self.x, self.y, MERGED)
+        self.seconds: list[float] = []
+
+    def time(self, steps: int) -> None:
+        sync(self.device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            train_step(self.model, self.params, self.cfg, self.x, self.y, self.opt, None, self.scaler)
+        sync(self.device)
+        self.seconds.append((time.perf_counter() - t) / steps)
+
+    def result(self) -> dict:
+        sec = min(self.seconds)  # the least disturbed round on a shared machine
+        return self.row | {"step_seconds": sec, "samples_per_second": self.row["batch"] / sec,
+                           "rounds_seconds": self.seconds}
+
+
+def measure(device, batch: int, steps: int, rounds: int, precision: str) -> dict[str, dict]:
+    """KD, GPD and branch-free GPD steps timed in alternating rounds (after two warm-up steps each), best round each:
+    the machine's drift hits all three alike."""
+    steppers = {k: Stepper(k, device, batch, precision) for k in ("kd", "gpd", "gpd_no_branches")}
+    for s in steppers.values():
+        s.time(2)
+        s.seconds.clear()
+    for _ in range(rounds):
+        for s in steppers.values():
+            s.time(steps)
+    return {k: s.result() for k, s in steppers.items()}
 
 
 def flops_only(device, batch: int, size: int) -> dict:
@@ -112,7 +136,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default=None, help="comma-separated (default 4,32 on CPU, 64,256 on CUDA)")
     ap.add_argument("--precisions", default=None, help="fp32,bf16,fp16 (default fp32 on CPU, fp32,bf16 on CUDA)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; each kind's best is reported")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -127,7 +152,8 @@ def main() -> None:
     rows = []
     for batch in batches:
         for precision in precisions:
-            kd, gpd, plain = (measure(k, device, batch, args.steps, precision) for k in ("kd", "gpd", "gpd_no_branches"))
+            m = measure(device, batch, args.steps, args.rounds, precision)
+            kd, gpd, plain = m["kd"], m["gpd"], m["gpd_no_branches"]
             row = {"batch": batch, "precision": precision, "kd": kd, "gpd": gpd, "gpd_no_branches": plain,
                    "time_ratio": gpd["step_seconds"] / kd["step_seconds"],
                    "dense_bound": plain["flops_per_step"] / kd["flops_per_step"],
