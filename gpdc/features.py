@@ -66,11 +66,17 @@ def find_taps(gm: fx.GraphModule, patterns: list[str], what: str) -> list[tuple[
 
 
 def tap_code(gm: fx.GraphModule, nodes: list[fx.Node]) -> Callable:
-    """``forward`` of ``gm`` returning ``(its output, [the tapped nodes' values])``, as a function of the module."""
+    """``forward`` of ``gm`` returning ``(its output, [the tapped nodes' values])``, as a function of the module.
+    Each value is copied where the node computes it: a later in-place op (``ReLU(inplace=True)`` after a residual
+    sum, ``x += ...``) would otherwise change what was tapped."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
-    graph.output((out, [env[n] for n in nodes]))
+    taps = []
+    for n in nodes:
+        with graph.inserting_after(env[n]):
+            taps.append(graph.call_function(torch.clone, (env[n],)))
+    graph.output((out, taps))
     return type(fx.GraphModule(gm, graph)).forward
 
 

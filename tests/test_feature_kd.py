@@ -353,3 +353,34 @@ def test_a_wrong_tap_on_the_command_line_is_one_paragraph_and_nothing_written(tm
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "'dwn' names no module or node of the static teacher" in r.stderr and "down, fc, pool" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+class InPlace(nn.Module):
+    """A residual sum rectified in place after it, as torchvision's ResNets do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out += 1.0
+        return self.head(self.relu(out).mean((2, 3)))
+
+
+def test_a_tap_keeps_its_value_through_later_in_place_ops():
+    torch.manual_seed(0)
+    model = InPlace()
+    gm = gpdc.trace(model, [2, 3, 6, 6])
+    add = next(n.name for n in gm.graph.nodes if "add" in n.name)
+    taps = taps_of(gm, ["conv", add], "the model", model)
+    x = torch.randn(2, 3, 6, 6)
+    out, (conv, summed) = taps(model, x)
+    with torch.no_grad():
+        want = model.conv(x)
+    torch.testing.assert_close(conv, want)  # not shifted by the in-place += 1
+    torch.testing.assert_close(summed, want + 1.0)  # not rectified by the in-place ReLU
+    assert (summed < 0).any()
+    torch.testing.assert_close(out, model(x))
