@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 
@@ -106,16 +106,33 @@ class BranchSpec(BaseModel):
 LOGIT_KD = ("none", "hinton", "dkd")
 
 
+REVIEWKD_RECIPES = {"imagenet": (1.0, 0), "cifar100": (5.0, 20)}  # published (weight, warm-up epochs)
+
+
 class ReviewKDSpec(BaseModel):
-    """ReviewKD (``train.kd: reviewkd``): defaults are the ImageNet recipe (ResNet-34 → ResNet-18: weight 1, no
-    warm-up); CIFAR-100's is weight 5 (ResNet-32×4 → ResNet-8×4, WRN-40-2 → WRN-16-2) with a 20-epoch warm-up."""
+    """ReviewKD (``train.kd: reviewkd``) with the published settings of ``recipe`` unless given: ImageNet's
+    (ResNet-34 → ResNet-18: weight 1, no warm-up) or CIFAR-100's (ResNet-32×4 → ResNet-8×4, WRN-40-2 → WRN-16-2:
+    weight 5, the weight ramped up over the first 20 epochs)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    weight: float = Field(1.0, ge=0, description="Weight of the hierarchical context loss.")
-    warmup_epochs: int = Field(0, ge=0, description="The weight grows linearly from 0 over these first epochs.")
+    recipe: Literal["imagenet", "cifar100"] = Field("imagenet", description="Whose published weight and warm-up "
+                                                    "fill those not given.")
+    weight: float | None = Field(None, ge=0, description="Weight of the hierarchical context loss "
+                          "(default: the recipe's, 1 or 5).")
+    warmup_epochs: int | None = Field(None, ge=0, description="The weight grows linearly from 0 over "
+                               "these first epochs (default: the recipe's, 0 or 20).")
     mid_channels: int | None = Field(None, ge=1, description="Channels inside the ABF connectors (null: the "
                                      "student's deepest feature's, at most 512, as the reference code).")
+
+    @model_validator(mode="after")
+    def _recipe_defaults(self) -> "ReviewKDSpec":
+        weight, warmup = REVIEWKD_RECIPES[self.recipe]
+        if self.weight is None:
+            self.weight = weight
+        if self.warmup_epochs is None:
+            self.warmup_epochs = warmup
+        return self
 
 
 class FitNetSpec(BaseModel):

@@ -384,3 +384,14 @@ def test_a_tap_keeps_its_value_through_later_in_place_ops():
     torch.testing.assert_close(summed, want + 1.0)  # not rectified by the in-place ReLU
     assert (summed < 0).any()
     torch.testing.assert_close(out, model(x))
+
+
+def test_reviewkd_recipes_fill_what_is_not_given():
+    assert (TrainSpec().reviewkd.weight, TrainSpec().reviewkd.warmup_epochs) == (1.0, 0)  # ImageNet's
+    cifar = TrainSpec(kd="reviewkd", reviewkd={"recipe": "cifar100"}).reviewkd
+    assert (cifar.weight, cifar.warmup_epochs) == (5.0, 20)
+    own = TrainSpec(kd="reviewkd", reviewkd={"recipe": "cifar100", "weight": 2.0}).reviewkd
+    assert (own.weight, own.warmup_epochs) == (2.0, 20)
+    assert TrainSpec.model_validate(TrainSpec(reviewkd={"recipe": "cifar100"}).model_dump()).reviewkd == cifar
+    with pytest.raises(gpdc.SpecError, match="train.reviewkd.recipe"):
+        gpdc.load_spec({"train": {"reviewkd": {"recipe": "cifar10"}}})
