@@ -171,15 +171,14 @@ class BranchConv2d(nn.Conv2d):
     def __init__(self, conv: nn.Conv2d, kinds: tuple[str, ...]):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                         device=conv.weight.device, dtype=conv.weight.dtype)
+                         device="meta", dtype=conv.weight.dtype)  # no initialisation: the conv's tensors replace them
         self.kinds = tuple(kinds)
         self.student_channels = tuple(conv.weight.shape[:2])  # of the kernel the student reads (the branch pass)
-        with torch.no_grad():
-            self.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                self.bias.copy_(conv.bias)
+        self.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
+        if conv.bias is not None:
+            self.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
         out_c, in_g, kh, kw = self.weight.shape
-        scale = torch.zeros(len(self.kinds), out_c, dtype=self.weight.dtype)
+        scale = torch.zeros(len(self.kinds), out_c, dtype=self.weight.dtype, device=self.weight.device)
         scale[0] = 1.0
         self.branch_scale = nn.Parameter(scale)
         shapes = {
@@ -190,7 +189,7 @@ class BranchConv2d(nn.Conv2d):
         }
         for kind in self.kinds:
             for name, shape in shapes.get(kind, {}).items():
-                w = torch.empty(shape, dtype=self.weight.dtype)
+                w = torch.empty(shape, dtype=self.weight.dtype, device=self.weight.device)
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
                 self.register_parameter(name, nn.Parameter(w))
 

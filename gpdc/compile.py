@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 
 from .branch_conv import merged_once
 from .branch_plan import describe_plans, recorded_shapes
@@ -33,7 +33,16 @@ def prepare_out_dir(out: Path, staged: StagedDir) -> Path:
 
 
 def _tensors(sd: dict) -> dict:
-    return {k: v.detach().clone().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    """The tensors of a state_dict as safetensors stores them: contiguous, and each storage once (a tied
+    weight's second name gets a copy)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach()
+            storage = v.untyped_storage().data_ptr()
+            out[k] = v.clone() if storage in seen else v.contiguous()
+            seen.add(storage)
+    return out
 
 
 def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry: str = "build_model",
@@ -64,9 +73,6 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
     out_dir = prepare_out_dir(Path(out) if out else Path("out") / stem, staged)  # the staging folder
     with stage("expand"):
         exp = expand(model, spec)
-        # serialised now (the checks move BN statistics, then restore them), written to disk meanwhile
-        teacher_bytes = save(_tensors(exp.teacher.state_dict()))
-    staged.write_in_background("teacher.safetensors", lambda p: Path(p).write_bytes(teacher_bytes))
     torch.manual_seed(0)
     shape, shape_note = check_shape(exp)
     x = torch.randn(*shape)
@@ -88,7 +94,7 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
         torch.manual_seed(1)
         eq = check_onnx(onnx_path, folded, torch.randn(*shape))
     with stage("write"):
-        staged.wait_for_writes()  # the teacher's weights, written meanwhile
+        staged.write("teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
         staged.write("student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
     report = exp.report() | {
         "model": model_ref,

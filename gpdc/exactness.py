@@ -76,11 +76,16 @@ class Exactness:
 
 
 def reference(original: nn.Module, x: torch.Tensor, norm_train: bool):
-    """(float64 reference output, float32 output) of the original model, in its own output structure."""
+    """(float64 reference output, float32 output) of the original model, in its own output structure; the
+    original's modes and buffers are left as they were."""
     ref_model = set_mode(copy.deepcopy(original).double(), norm_train)
-    f32_model = set_mode(copy.deepcopy(original), norm_train)
-    with torch.no_grad():
-        return ref_model(x.double()), f32_model(x)
+    modes = [(m, m.training) for m in original.modules()]
+    try:
+        with torch.no_grad(), kept_buffers(original):
+            return ref_model(x.double()), set_mode(original, norm_train)(x)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def compare(out, ref, own) -> Exactness:

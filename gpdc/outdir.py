@@ -197,7 +197,6 @@ class StagedDir:
         self.final: Path | None = None  # the real (resolved) DIR
         self.shown: Path | None = None  # DIR as the user wrote it
         self.path: Path | None = None  # the staging folder
-        self._background: list[tuple[threading.Thread, list[BaseException]]] = []
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> "StagedDir":
@@ -250,37 +249,9 @@ class StagedDir:
             write(str(target))
         return target
 
-    def write_in_background(self, name: str, write: Callable[[str], None]) -> None:
-        """:meth:`write` on a thread, so that a large file (the teacher's weights) is written while the run goes on.
-        ``write`` should only write bytes already made (file I/O releases the GIL; a thread that calls into torch
-        can abort the process at exit). Its errors are raised by :meth:`wait_for_writes` and :meth:`commit`; the
-        staging folder is removed only after it ends."""
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.write(name, write)
-            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
-                errors.append(e)
-
-        thread = threading.Thread(target=run, name=f"gpdc-write-{name}", daemon=True)
-        with blocked_signals():  # recorded as soon as it runs, so that clean-up waits for it
-            thread.start()
-            self._background.append((thread, errors))
-
-    def wait_for_writes(self) -> None:
-        """Wait for the background writes; raise the first error of one."""
-        for thread, errors in self._background:
-            thread.join()
-            if errors:
-                self._background = []
-                raise errors[0]
-        self._background = []
-
     def commit(self) -> None:
         """Swap the staging folder in as ``DIR`` (see the module docstring)."""
         assert self.path is not None and self.final is not None, "open() first"
-        self.wait_for_writes()
         mode = file_mode()
         for name in self.own_files:
             p = self.path / name
@@ -336,9 +307,6 @@ class StagedDir:
 
     def discard(self) -> None:
         """Remove the staging folder if it was not swapped in (a previous ``DIR`` is never deleted here)."""
-        for thread, _ in self._background:  # their errors no longer matter: the run is abandoned
-            thread.join()
-        self._background = []
         with blocked_signals():
             _rmtree(self.path)
             self.path = None
