@@ -15,8 +15,9 @@ All scales but the original's start at 0, so the block equals the original conv 
 ``merge_kernel`` is the single definition used by the module's forward, by the shared student's
 ParamMap and by fold.
 
-Each call picks between merging and running ``1x1_kxk`` as its two convs (``gpdc.branch_plan``); the
-student's conv that reads a block's slice (``SharedBranchConv``) does the same.
+Each call picks between merging, running ``1x1_kxk`` as its two convs, and running every branch separately with its
+scale on its output (``gpdc.branch_plan``); the student's conv that reads a block's slice (``SharedBranchConv``) does
+the same.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .branch_plan import MERGED, SEQUENTIAL, cheaper, student_flops, teacher_flops
+from .branch_plan import MERGED, SEPARATE, SEQUENTIAL, cheaper, student_cost, teacher_cost
+from .param_map import take
 
 KINDS = ("kxk", "1x1", "avg", "1x1_kxk", "identity", "dw_1x1")
 DEFAULT_KINDS = ("kxk", "1x1", "1x1_kxk", "avg", "identity")
@@ -160,7 +162,7 @@ def select_params(p: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Te
     for name, t in p.items():
         for d, which in enumerate(_CHANNEL_DIMS.get(name, "")):  # (the bias is not merged)
             if which != "-":
-                t = t.index_select(d, rows if which == "o" else cols)
+                t = take(t, d, rows if which == "o" else cols)
         out[name] = t
     return out
 
@@ -202,12 +204,15 @@ class BranchConv2d(nn.Conv2d):
     def plan(self, input_shape) -> str:
         """How a call at this input shape runs (``branch_plan``); inside ``merged_once`` the student's
         cost counts too."""
-        return cheaper(teacher_flops(self, input_shape, with_student=_MERGED.get() is not None))
+        return cheaper(teacher_cost(self, input_shape, with_student=_MERGED.get() is not None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plan(x.shape) == MERGED:
+        plan = self.plan(x.shape)
+        if plan == MERGED:
             return self._conv_forward(x, self.merged_weight(), self.bias)
         p = self._params()
+        if plan == SEPARATE:
+            return _add_bias(separate(self, x, p), self.bias)
         rest = merge_kernel(self.kinds, p, self.groups, skip=(SEQUENTIAL,))
         second = p["w_1x1_kxk_b"] * p["branch_scale"][self.kinds.index(SEQUENTIAL)].view(-1, 1, 1, 1)
         return branchwise(self, x, rest, p["w_1x1_kxk_a"], second)
@@ -222,6 +227,45 @@ def branchwise(conv: nn.Conv2d, x: torch.Tensor, rest: torch.Tensor, first: torc
     (``first``) and k×k (``second``, scaled) convs."""
     mid = F.conv2d(x, first, None, 1, 0, 1, conv.groups)
     return conv._conv_forward(x, rest, conv.bias) + conv._conv_forward(mid, second, None)
+
+
+def separate(conv, x: torch.Tensor, p: dict[str, torch.Tensor], index=None) -> torch.Tensor:
+    """Branch block ``conv`` (its kinds, geometry) on ``x`` with every branch its own conv and each branch's scale
+    applied to its output, without the bias (``branch_plan.separable`` blocks only): k×k; ``1x1`` and ``identity``
+    as one 1×1 conv on the taps the kernel's centre reads; ``avg`` as k×k average pooling (zeros counted, as the
+    merged kernel's zero padding) then its 1×1 conv; ``1x1_kxk`` and ``dw_1x1`` as their two convs. ``p``: the
+    block's parameters (or a dense slice of them, ``select_params``, with ``index`` its (rows, cols))."""
+    kinds, groups, scale = conv.kinds, conv.groups, p["branch_scale"]
+    geometry = (conv.stride, conv.padding, conv.dilation)
+    out = _scaled(F.conv2d(x, p["weight"], None, *geometry, groups), scale[0])
+    centre = None
+    for b, kind in enumerate(kinds[1:], start=1):
+        s = scale[b]
+        if kind in ("1x1", "identity"):
+            term = (p["w_1x1"] if kind == "1x1" else _one_hot(p["weight"], groups, index)) * s.view(-1, 1, 1, 1)
+            centre = term if centre is None else centre + term
+        elif kind == "avg":
+            pooled = F.avg_pool2d(x, conv.kernel_size, conv.stride, conv.padding)
+            out = out + _scaled(F.conv2d(pooled, p["w_avg"], None, 1, 0, 1, groups), s)
+        elif kind == SEQUENTIAL:
+            mid = F.conv2d(x, p["w_1x1_kxk_a"], None, 1, 0, 1, groups)
+            out = out + _scaled(F.conv2d(mid, p["w_1x1_kxk_b"], None, *geometry, groups), s)
+        elif kind == "dw_1x1":
+            depthwise = F.conv2d(x, p["w_dw_1x1_dw"], None, *geometry, x.shape[1])
+            out = out + _scaled(F.conv2d(depthwise, p["w_dw_1x1_pw"]), s)
+    if centre is not None:
+        padding = tuple(pd - d * (k // 2) for pd, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
+        out = out + F.conv2d(x, centre, None, conv.stride, padding, 1, groups)
+    return out
+
+
+def _scaled(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y`` [N, C, ...] times a per-channel scale, in ``y``'s dtype (bf16 under autocast)."""
+    return y * s.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2)))
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
 
 
 class MergedKernel:
@@ -256,7 +300,7 @@ def merged_slice(kinds, groups, p: dict[str, torch.Tensor], index: dict[int, tor
     if groups != 1 or whole_merged(kinds, groups, p, skip) or set(index) - {0, 1}:
         t = merge_kernel(kinds, p, groups, skip)
         for d, idx in index.items():
-            t = t.index_select(d, idx)
+            t = take(t, d, idx)
         return t
     rows, cols = _rows_cols(weight, index)
     return _merge(kinds, select_params(p, rows, cols), 1, skip, index=(rows, cols))
@@ -268,10 +312,10 @@ def _rows_cols(weight: torch.Tensor, index: dict[int, torch.Tensor]) -> tuple[to
 
 class SharedBranchConv(nn.Conv2d):
     """The student's conv that reads the slice of a teacher branch block (it owns no parameters, like the rest of
-    the shared student). Per call it convolves with the merged slice — free when the teacher merged this step —
-    or, for a dense kernel, runs the slice's ``1x1_kxk`` branch as its two convs when that is cheaper
-    (``branch_plan.student_flops``). Both are the same function of the teacher's parameters; 'balanced'
-    gradients (METHOD.md §4) rescale the merged slice, so that mode always merges."""
+    the shared student). Per call it convolves with the merged slice — almost free when the teacher merged this
+    step — or, for a dense kernel, runs the slice branch-wise or separate when that is cheaper
+    (``branch_plan.student_cost``). All are the same function of the teacher's parameters; 'balanced' gradients
+    (METHOD.md §4) rescale the merged slice, so that mode always merges."""
 
     def __init__(self, conv: nn.Conv2d, block: BranchConv2d, source):
         has_bias = "bias" not in conv._parameters  # the shared student deleted it: it reads it from the teacher
@@ -280,6 +324,7 @@ class SharedBranchConv(nn.Conv2d):
         for name in [k for k, v in self._parameters.items() if v is not None]:
             del self._parameters[name]
         self._block = (block,)  # a tuple, so the teacher's block is not registered here
+        self.kinds = block.kinds
         self.source = source  # the ParamSource of the student's kernel: channels read, scales
         self.balanced = False
 
@@ -287,16 +332,21 @@ class SharedBranchConv(nn.Conv2d):
         block = self._block[0]
         p = block._params()
         whole = whole_merged(block.kinds, block.groups, p)
-        if self.balanced or cheaper(student_flops(block, x.shape, whole)) == MERGED:
+        plan = MERGED if self.balanced else cheaper(student_cost(block, x.shape, whole))
+        if plan == MERGED:
             weight = self.source.rescale(merged_slice(block.kinds, block.groups, p, self.source.index), self.balanced)
             return self._conv_forward(x, weight, self.bias)
         index = self.source.index_on(x.device)
+        if plan == SEPARATE:  # the slice's channel scales on the input and the output, not on the kernel
+            rows, cols = _rows_cols(p["weight"], index)
+            out = separate(self, self.source.rescale_channels(x, 1), select_params(p, rows, cols), (rows, cols))
+            return _add_bias(self.source.rescale_channels(out, 0), self.bias)
         rest = self.source.rescale(merged_slice(block.kinds, 1, p, index, skip=(SEQUENTIAL,)))
         first, second = p["w_1x1_kxk_a"], p["w_1x1_kxk_b"]
         scale = p["branch_scale"][block.kinds.index(SEQUENTIAL)]
         if 1 in index:
-            first = first.index_select(1, index[1])
+            first = take(first, 1, index[1])
         if 0 in index:
-            second, scale = second.index_select(0, index[0]), scale.index_select(0, index[0])
+            second, scale = take(second, 0, index[0]), take(scale, 0, index[0])
         second = second * scale.view(-1, 1, 1, 1)
         return branchwise(self, x, rest, self.source.rescale(first, dims=(1,)), self.source.rescale(second, dims=(0,)))

@@ -1,4 +1,5 @@
-"""CBR branches: each kind's merged kernel equals its unmerged branch computation; exact at init."""
+"""CBR branches: each kind's merged kernel, and each way of running a block, equals its unmerged branch computation;
+exact at init."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 import gpdc
 from gpdc.branch_conv import KINDS, BranchConv2d, branch_kernel
+from gpdc.branch_plan import MERGED, PLANS, forced_plan
 from gpdc.exactness import randomize
 
 
@@ -42,16 +44,18 @@ def test_each_branch_kernel_matches_its_layers(k, stride, groups):
     block = BranchConv2d(conv, kinds).double()
     x = torch.randn(2, 8, 11, 11, dtype=torch.float64)
     with torch.no_grad():
-        # exact at init: only the original kernel has a non-zero scale
-        torch.testing.assert_close(block(x), conv(x), rtol=0, atol=0)
-        for b, kind in enumerate(kinds):
-            kernel = branch_kernel(kind, dict(block.named_parameters()), block.weight, groups)
-            assert kernel.shape == block.weight.shape
-            scale = torch.zeros_like(block.branch_scale)
-            scale[b] = torch.linspace(0.5, 2.0, block.out_channels, dtype=torch.float64)
-            block.branch_scale.copy_(scale)
-            want = unmerged(kind, block, x) * scale[b].view(1, -1, 1, 1) + conv.bias.view(1, -1, 1, 1)
-            torch.testing.assert_close(block(x), want, rtol=1e-12, atol=1e-12, msg=kind)
+        with forced_plan(MERGED):  # exact at init: only the original kernel has a non-zero scale
+            torch.testing.assert_close(block(x), conv(x), rtol=0, atol=0)
+        for plan in PLANS:  # each way of running the block (merged kernel, branch-wise, separate convs)
+            for b, kind in enumerate(kinds):
+                kernel = branch_kernel(kind, dict(block.named_parameters()), block.weight, groups)
+                assert kernel.shape == block.weight.shape
+                scale = torch.zeros_like(block.branch_scale)
+                scale[b] = torch.linspace(0.5, 2.0, block.out_channels, dtype=torch.float64)
+                block.branch_scale.copy_(scale)
+                want = unmerged(kind, block, x) * scale[b].view(1, -1, 1, 1) + conv.bias.view(1, -1, 1, 1)
+                with forced_plan(plan):
+                    torch.testing.assert_close(block(x), want, rtol=1e-12, atol=1e-12, msg=f"{kind} {plan}")
 
 
 def test_branch_structure_and_spec_selection():

@@ -20,7 +20,7 @@ import torch
 import gpdc
 from conftest import free_port
 from gpdc.branch_conv import BranchConv2d
-from gpdc.branch_plan import BRANCHWISE, MERGED, forced_plan
+from gpdc.branch_plan import MERGED, PLANS, forced_plan
 from gpdc.exactness import randomize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -62,7 +62,7 @@ def loss_and_grads(gpd, x, y, plan=None):
     return [out.loss.detach().cpu()] + [p.grad.cpu() for p in gpd.parameters()]
 
 
-@pytest.mark.parametrize("plan", [MERGED, BRANCHWISE])
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("student_grad", ["paper", "balanced"])
 def test_the_same_loss_and_gradients_as_on_cpu(plan, student_grad):
     cpu = objective(torch.float64, student_grad=student_grad)
