@@ -145,6 +145,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
+    if not cuda:
+        gpdc.keep_freed_memory()  # as gpdc train does on CPU
     batches = [int(b) for b in (args.batches or ("64,256" if cuda else "4,32")).split(",")]
     precisions = (args.precisions or ("fp32,bf16" if cuda else "fp32")).split(",")
     torch.backends.cudnn.benchmark = cuda  # as a user's GPU run would: each conv's fastest algorithm

@@ -1,5 +1,5 @@
 """On a CUDA device (skipped where there is none; run on a lent GPU): the GPD objective computes the same loss and
-gradients there as on CPU (float64, merged and branch-wise), runs under bf16 autocast close to float32 and under fp16
+gradients there as on CPU (float64, each way of running the branch blocks), runs under bf16 autocast close to float32 and under fp16
 with a GradScaler, gives the eager numbers under channels_last + torch.compile, trains under DistributedDataParallel
 over nccl with SyncBatchNorm like the module alone, and ``gpdc train`` runs end to end with bf16, channels_last and
 SyncBatchNorm (folded student checked in onnxruntime)."""

@@ -356,3 +356,10 @@ def test_compiled_objective_trains(tmp_path):
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"compile": True})})
     metrics = train(STUDENT, spec, "digits", str(tmp_path / "c"), export=False)
     assert math.isfinite(metrics[0]["student_loss"]) and metrics[0]["student_acc"] > 0.1, metrics
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_cpu_training_keeps_freed_memory_in_the_process():
+    """gpdc train on CPU asks glibc to serve blocks up to 32 MiB from its heap and keep freed heap (each step would
+    otherwise page-fault fresh memory for its large tensors): both settings are accepted."""
+    assert gpdc.keep_freed_memory()

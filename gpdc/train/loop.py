@@ -28,6 +28,7 @@ from ..models import load_model
 from ..spec import Spec, TrainSpec, load_spec, with_overrides
 from ..weights import load_weights
 from . import distributed
+from .allocator import keep_freed_memory
 from .data import Data, load_data
 from .loader import Batches
 from .plot import plot_gap
@@ -63,6 +64,8 @@ def train(student_ref: str, spec: Spec | str, data_ref: str = "digits", out: str
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v is not None}
     cfg = with_overrides(spec.train, overrides)
     rank, world, device = distributed.init()
+    if device.type == "cpu":
+        keep_freed_memory()  # each step's large tensors reuse the last step's pages
     data = load_data(data_ref, tuple(spec.input_shape[2:]) if len(spec.input_shape) == 4 else (32, 32), spec.data)
     out_dir = _out_dir(out, student_ref)
     ckpt_path = out_dir / "last.ckpt"
