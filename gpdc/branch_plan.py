@@ -29,7 +29,9 @@ SEQUENTIAL = "1x1_kxk"  # the one kind whose merge can cost more FLOPs than runn
 MERGED, BRANCHWISE, SEPARATE = "merged", "branch-wise", "separate"
 PLANS = (MERGED, BRANCHWISE, SEPARATE)
 #: forward-FLOP equivalent of one element read or written by an elementwise op, counted over forward and backward:
-#: fp32 conv throughput / (3 · element passes per second), ≈ 40 on this project's 2-core CPU, ≈ 30 on an H200
+#: fp32 conv throughput / (3 · element passes per second), ≈ 40 measured on this project's 2-core CPU (rounded down:
+#: the pass counts are rough). A GPU with TF32 tensor cores has a higher ratio (more FLOPs per byte), which moves
+#: where the ways switch, not what they compute.
 ELEMENT_FLOPS = 32.0
 
 _FORCED: ContextVar[str | None] = ContextVar("gpdc_forced_plan", default=None)
@@ -116,7 +118,7 @@ def teacher_cost(block, input_shape, with_student: bool) -> dict[str, tuple[floa
     """(FLOPs, element passes) of each way to run the teacher's block beyond its one conv; ``with_student`` adds
     what each costs the student's conv in the same step (its slice of the teacher's merged kernel, or its own
     cheapest way)."""
-    costs = _costs(block, input_shape, *block.weight.shape[:2])
+    costs = _costs(block, input_shape, block.out_channels, block.in_channels)
     if with_student:
         whole, own = student_cost(block, input_shape, whole_merged=True), student_cost(block, input_shape, False)
         costs = {plan: _plus(c, whole[MERGED] if plan == MERGED else own[cheaper(own)]) for plan, c in costs.items()}
@@ -127,13 +129,12 @@ def student_cost(block, input_shape, whole_merged: bool) -> dict[str, tuple[floa
     """(FLOPs, element passes) of each way to run the student's conv that reads the block's slice, beyond its one
     conv: merged, a slice of the teacher's merged kernel (``whole_merged``: this step made it; a slice and its
     gradient's scatter back) or the merge of its own slice; branch-wise and separate, dense kernels only."""
-    s_out, s_in = block.student_channels
-    out_c, in_g = block.weight.shape[:2]
+    s_out, s_in = block.student_channels  # the student kernel's (out, in per group)
+    taps = math.prod(block.kernel_size)
     if whole_merged:
-        return {MERGED: (0.0, out_c * in_g * math.prod(block.kernel_size) + 3 * s_out * s_in // block.groups
-                         * math.prod(block.kernel_size))}
+        return {MERGED: (0.0, block.weight.numel() + 3 * s_out * s_in * taps)}
     if block.groups != 1:  # the slice is cut from the whole merged kernel
-        return {MERGED: _costs(block, input_shape, out_c, out_c * in_g)[MERGED]}
+        return {MERGED: _costs(block, input_shape, block.out_channels, block.in_channels)[MERGED]}
     return _costs(block, input_shape, s_out, s_in)
 
 

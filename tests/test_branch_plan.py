@@ -193,3 +193,11 @@ def test_expand_records_the_students_widths_on_each_block(ratio):
     exp = gpdc.expand(model, {"input_shape": [1, 3, 4, 4], "expand": {"ratio": ratio}})
     block = exp.teacher.get_submodule("2")
     assert block.student_channels == (8, 8) and block.weight.shape[0] == int(8 * ratio)
+
+
+def test_a_grouped_students_slice_costs_the_teachers_whole_merge():
+    """A grouped kernel's slice is cut from the whole merged kernel: the student pays the teacher's merge."""
+    block = BranchConv2d(nn.Conv2d(64, 64, 3, padding=1, groups=4), ("kxk", "1x1", "1x1_kxk"))
+    block.student_channels = (32, 8)
+    shape = (2, 64, 7, 7)
+    assert student_cost(block, shape, whole_merged=False) == {MERGED: teacher_cost(block, shape, False)[MERGED]}
