@@ -201,3 +201,22 @@ def test_a_grouped_students_slice_costs_the_teachers_whole_merge():
     block.student_channels = (32, 8)
     shape = (2, 64, 7, 7)
     assert student_cost(block, shape, whole_merged=False) == {MERGED: teacher_cost(block, shape, False)[MERGED]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", PLANS)
+def test_torch_compile_gives_the_eager_step_every_way(plan):
+    """The plans are Python decisions on shapes and the channel runs are ``narrow`` views: torch.compile of the GPD
+    objective traces each way and matches eager (float32, the DESIGN.md §4 scale)."""
+    exp = expanded(1.5)
+    gpd = gpdc.GPD(exp, train={"sce_weight": 1.0})
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    results = []
+    for model in (gpd, torch.compile(gpd)):
+        gpd.zero_grad()
+        with forced_plan(plan):
+            out = model(x, y)
+        out.loss.backward()
+        results.append([out.loss.detach()] + [p.grad.clone() for p in gpd.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))

@@ -329,12 +329,16 @@ def _zoo(name: str) -> nn.Module:
 @pytest.mark.parametrize("name,taps", [("mobilenet_v2", "features.*"), ("densenet121", "features.denseblock*"),
                                        ("timm:efficientnet_b0", "blocks.*"), ("timm:vit_tiny_patch16_224", "blocks.*")])
 def test_zoo_taps_read_back_exactly(name, taps):
-    """Real architectures, every stage tapped: the dynamic teacher's features read back are the student's."""
+    """Real architectures, every stage tapped: the dynamic teacher's features read back are the student's. The CNNs
+    run at 64×64: at 32×32 their last stages are 1×1 maps, where train-mode BatchNorm over 2 values per channel is so
+    ill-conditioned that float32 rounding alone can flip a normalised sign (the original's own error reached 1.4 % of
+    the output's scale for one input)."""
     torch.manual_seed(0)
-    exp = gpdc.expand(randomize(_zoo(name)).eval(), {"input_shape": [2, 3, 32, 32], "expand": {"ratio": 2.0}})
+    size = 32 if "vit" in name else 64
+    exp = gpdc.expand(randomize(_zoo(name)).eval(), {"input_shape": [2, 3, size, size], "expand": {"ratio": 2.0}})
     student, teacher = exp.feature_taps([taps])
     assert len(student.names) >= 4, student.names
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     for norm_train in (False, True):
         with torch.no_grad():
             _, ref = student(set_mode(copy.deepcopy(exp.original).double(), norm_train), x.double())
