@@ -117,5 +117,6 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
 
 def _plan_line(name: str, plan: dict) -> str:
     shape = "x".join(map(str, plan["input"][2:]))
-    return (f"{name}: a GPD step at batch {plan['input'][0]} ({shape}) runs {plan['plan']}, merged from batch "
-            f"{plan['merged_from_batch']} ({', '.join(f'{k} {v} GFLOP' for k, v in plan['gflop'].items())})")
+    ways = ", ".join(f"{k} {plan['gflop'][k]} GFLOP + {plan['m_elements'][k]} M elements" for k in plan["gflop"])
+    return (f"{name}: a GPD step at batch {plan['input'][0]} ({shape}) runs {plan['plan']} (its student conv "
+            f"{plan['student_plan']}), merged from batch {plan['merged_from_batch']} ({ways})")

@@ -76,6 +76,9 @@ def test_compile_writes_checked_artifacts(compiled):
     assert set(report["seconds"]) >= {"expand", "fold", "export", "check_onnx"}
     assert all("C" in g and "C_teacher" in g for g in report["groups"])
     assert "[branch] stage1.0.conv1: branches" in r.stdout  # --explain
+    plans = report["branch_plans"]  # how a GPD step at the spec's batch runs each block, and what each way costs
+    assert plans and all(p["plan"] in p["gflop"] and set(p["gflop"]) == set(p["m_elements"]) for p in plans.values())
+    assert f"{next(iter(plans))}: a GPD step at batch" in r.stdout
     sys.path.insert(0, "examples")
     try:
         from model import build_model
