@@ -76,11 +76,12 @@ def cheaper(costs: dict[str, tuple[float, float]]) -> str:
 
 
 def separable(block) -> bool:
-    """Whether the block's branches can run as separate convs: zero padding, given as numbers, that puts the 1×1
-    taps (``1x1``, ``identity``) at the kernel's centre with padding ≥ 0, and ``avg`` undilated (average pooling)."""
+    """Whether the block's branches can run as separate convs: zero padding, given as numbers, so that a 1×1 conv
+    (``1x1``, ``identity``) reads the taps at the kernel's centre — an odd kernel, padding ≥ the centre's offset —
+    and ``avg`` undilated (average pooling)."""
     if block.padding_mode != "zeros" or isinstance(block.padding, str):
         return False
-    centred = all(p >= d * (k // 2) for p, d, k in zip(block.padding, block.dilation, block.kernel_size))
+    centred = all(k % 2 and p >= d * (k // 2) for p, d, k in zip(block.padding, block.dilation, block.kernel_size))
     pooled = all(d == 1 and 2 * p <= k for p, d, k in zip(block.padding, block.dilation, block.kernel_size))
     return (centred or not {"1x1", "identity"} & set(block.kinds)) and (pooled or "avg" not in block.kinds)
 

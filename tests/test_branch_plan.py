@@ -18,7 +18,7 @@ def random_block(draw, dtype=torch.float64) -> BranchConv2d:
     """A block of every kind it can carry; half of them separable (zero padding centring the 1×1 taps)."""
     groups = draw(st.sampled_from([1, 2, 4]))
     channels = groups * draw(st.integers(1, 3))
-    k = draw(st.sampled_from([3, 5]))
+    k = draw(st.sampled_from([2, 3, 5]))  # an even kernel has no centre a 1×1 conv can read: not separable with 1x1
     dilation = draw(st.sampled_from([1, 2]))
     if draw(st.booleans()):
         padding, mode = dilation * (k // 2) + draw(st.sampled_from([0, 1])) * (dilation > 1), "zeros"
@@ -75,6 +75,8 @@ def test_which_blocks_can_run_separate():
     assert separable(block(padding=2, dilation=2, kinds=("kxk", "1x1")))
     assert not separable(block(padding=2, dilation=2))  # average pooling has no dilation
     assert not separable(block(padding=0))  # the 1×1 taps would read outside the input
+    even = BranchConv2d(nn.Conv2d(4, 4, 2, padding=1), ("kxk", "1x1"))
+    assert not separable(even) and separable(BranchConv2d(nn.Conv2d(4, 4, 2, padding=1), ("kxk", "avg")))
     assert separable(block(padding=0, kinds=("kxk", "1x1_kxk")))
     assert not separable(block(padding_mode="reflect"))
     assert SEPARATE not in teacher_cost(block(padding=0), (1, 4, 7, 7), with_student=False)
