@@ -132,21 +132,32 @@ def _merge(kinds, p, groups, skip=(), index=None) -> torch.Tensor:
     weight, scale = p["weight"], p["branch_scale"]
     kh, kw = weight.shape[2:]
     merged = weight * scale[0].view(-1, 1, 1, 1)  # a new tensor, so in-place sums into it are safe for autograd
-    centre = None
     for b, kind in enumerate(kinds[1:], start=1):
-        if kind in skip:
+        if kind in skip or kind in _CENTRED:
             continue
         s = scale[b].view(-1, 1, 1, 1)
-        if kind in ("1x1", "identity"):
-            term = (p["w_1x1"] if kind == "1x1" else _one_hot(weight, groups, index)) * s
-            centre = term if centre is None else centre + term
-        elif kind == "avg":
+        if kind == "avg":
             merged.add_(p["w_avg"] * (s / (kh * kw)))
         else:
             merged.addcmul_(branch_kernel(kind, p, weight, groups, index), s)
+    centre = _centre(kinds, p, groups, skip, index)
     if centre is not None:
         merged[:, :, kh // 2, kw // 2] += centre[:, :, 0, 0]
     return merged
+
+
+_CENTRED = ("1x1", "identity")  # the kinds that are a 1×1 kernel at the k×k kernel's centre tap
+
+
+def _centre(kinds, p, groups, skip=(), index=None) -> torch.Tensor | None:
+    """Σ scale_b ⊙ 1×1 kernel_b [O, I/g, 1, 1] over the ``_CENTRED`` kinds not in ``skip`` (None without one)."""
+    centre = None
+    for b, kind in enumerate(kinds):
+        if kind in _CENTRED and kind not in skip:
+            term = (p["w_1x1"] if kind == "1x1" else _one_hot(p["weight"], groups, index))
+            term = term * p["branch_scale"][b].view(-1, 1, 1, 1)
+            centre = term if centre is None else centre + term
+    return centre
 
 
 # Which dims of each parameter run over the kernel's output ("o") or input ("i") channels.
@@ -238,13 +249,9 @@ def separate(conv, x: torch.Tensor, p: dict[str, torch.Tensor], index=None) -> t
     kinds, groups, scale = conv.kinds, conv.groups, p["branch_scale"]
     geometry = (conv.stride, conv.padding, conv.dilation)
     out = _scaled(F.conv2d(x, p["weight"], None, *geometry, groups), scale[0])
-    centre = None
     for b, kind in enumerate(kinds[1:], start=1):
         s = scale[b]
-        if kind in ("1x1", "identity"):
-            term = (p["w_1x1"] if kind == "1x1" else _one_hot(p["weight"], groups, index)) * s.view(-1, 1, 1, 1)
-            centre = term if centre is None else centre + term
-        elif kind == "avg":
+        if kind == "avg":
             pooled = F.avg_pool2d(x, conv.kernel_size, conv.stride, conv.padding)
             out = out + _scaled(F.conv2d(pooled, p["w_avg"], None, 1, 0, 1, groups), s)
         elif kind == SEQUENTIAL:
@@ -253,6 +260,7 @@ def separate(conv, x: torch.Tensor, p: dict[str, torch.Tensor], index=None) -> t
         elif kind == "dw_1x1":
             depthwise = F.conv2d(x, p["w_dw_1x1_dw"], None, *geometry, x.shape[1])
             out = out + _scaled(F.conv2d(depthwise, p["w_dw_1x1_pw"]), s)
+    centre = _centre(kinds, p, groups, index=index)
     if centre is not None:
         padding = tuple(pd - d * (k // 2) for pd, d, k in zip(conv.padding, conv.dilation, conv.kernel_size))
         out = out + F.conv2d(x, centre, None, conv.stride, padding, 1, groups)

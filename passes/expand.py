@@ -96,11 +96,12 @@ class _Expander:
 
     def output_maps(self) -> dict:
         """For each freed output leaf: the teacher positions of the first copies of the student's channels."""
-        maps = {}
-        for path, node in self.an.free_outputs.items():
-            L, T = self.an.layouts[node], self.tl[node]
-            maps[path] = OutputMap(L.dim, torch.as_tensor(T.positions_of(self.keys(L))), T.width)
-        return maps
+        return {path: self._student_channels(node) for path, node in self.an.free_outputs.items()}
+
+    def _student_channels(self, node: fx.Node) -> OutputMap:
+        """The map from the teacher's (widened) value of ``node`` to the first copies of the student's channels."""
+        L, T = self.an.layouts[node], self.tl[node]
+        return OutputMap(L.dim, torch.as_tensor(T.positions_of(self.keys(L))), T.width)
 
     def teacher_tap(self, name: str) -> tuple[str, OutputMap | None]:
         """The teacher node computing the student's node ``name``, and the teacher positions of the first copies of
@@ -110,10 +111,7 @@ class _Expander:
         if not isinstance(new, fx.Node) or not (T is None or isinstance(T, TeacherLayout)):
             raise SpecError(f"features: the dynamic teacher computes the student's '{name}' as several tensors (a "
                             "channel split); tap the tensor before or after it.")
-        if T is None:
-            return new.name, None
-        L = self.an.layouts[node]
-        return new.name, OutputMap(L.dim, torch.as_tensor(T.positions_of(self.keys(L))), T.width)
+        return new.name, None if T is None else self._student_channels(node)
 
     def _passthrough(self, node: fx.Node) -> None:
         if node.op == "call_module":
