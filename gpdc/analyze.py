@@ -277,6 +277,12 @@ class ChannelAnalysis:
                         "`x + x.flip(1)`, or a concat of two branches whose outputs are added further on); gpdc "
                         "cannot tell their copies apart. Keep these layers at ratio 1 or register a rule for the block.")
 
+    def channel_dims(self) -> dict[str, int]:
+        """Each node's channel dimension (node name → dim, non-negative), where its value carries one tensor's
+        channels: what feature taps read channels from (an NHWC tensor inside a ConvNeXt block has them at 3)."""
+        return {n.name: L.dim % len(n.meta["gpdc.shape"]) for n, L in self.layouts.items()
+                if isinstance(L, Layout) and isinstance(n.meta.get("gpdc.shape"), tuple) and n.meta["gpdc.shape"]}
+
     # -- groups -----------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         """One group per set of spaces connected by couplings; its width counts distinct channels."""

@@ -44,6 +44,7 @@ class Expansion:
     log: list[str] = field(default_factory=list)
     student_width: dict[str, str] = field(default_factory=dict)  # node -> why the teacher runs it unwidened
     teacher_tap: Callable[[str], tuple[str, OutputMap | None]] | None = None  # student node -> teacher node, map
+    channel_dims: dict[str, int] = field(default_factory=dict)  # student node -> its channel dim (the analysis')
 
     def student_view(self, teacher_output):
         """The teacher's output with every widened leaf read back to the student's channels (equal to the
@@ -53,7 +54,7 @@ class Expansion:
     def feature_taps(self, patterns: list[str]) -> tuple[FeatureTaps, FeatureTaps]:
         """The student's features that ``patterns`` name (``features.find_taps``; run them with
         ``student.features``) and the dynamic teacher's at the same nodes, wider, with their maps back."""
-        student = taps_of(self.original, patterns, "the student")
+        student = taps_of(self.original, patterns, "the student", channel_dims=self.channel_dims)
         return student, teacher_taps(student, self.teacher, self.teacher_tap)
 
     def report(self) -> dict:
@@ -130,7 +131,7 @@ def expand(
     return Expansion(spec, copy.deepcopy(model), student, teacher, shared, plan.groups, param_map, plan,
                      results[0].artifacts["output_maps"], [*analysis.pinned_outputs, *analysis.free_outputs], log,
                      {n.name: f.reason for n in student.graph.nodes if isinstance(f := analysis.facts(n), StudentWidth)},
-                     results[0].artifacts["teacher_tap"])
+                     results[0].artifacts["teacher_tap"], analysis.channel_dims())
 
 
 def _check_free_outputs(patterns: list[str], an: ChannelAnalysis) -> None:

@@ -50,9 +50,9 @@ def as_maps(shapes: list[tuple[int, ...]], what: str) -> list[tuple[int, ...]]:
     out = []
     for i, s in enumerate(shapes):
         if len(s) not in (1, 3):
-            raise SpecError(f"features: {what}'s feature {i + 1} has shape (N, {', '.join(map(str, s))}); feature "
-                            "distillation compares (N, C, H, W) maps or pooled (N, C) vectors. Tap a convolutional "
-                            "stage or a pooled output instead.")
+            raise SpecError(f"features: {what}'s feature {i + 1} has shape (N, {', '.join(map(str, s))}) with its "
+                            "channels first; feature distillation compares (N, C, H, W) maps or pooled (N, C) vectors "
+                            "(a token sequence is neither). Tap a convolutional stage or a pooled output instead.")
         out.append(s if len(s) == 3 else (s[0], 1, 1))
     return out
 

@@ -191,6 +191,52 @@ def test_the_dynamic_teachers_taps_read_back_to_the_students(ratio, strategy, ta
             assert e.ok, (taps, norm_train, e)
 
 
+class ChannelsLast(nn.Module):
+    """A ConvNeXt-style block: a depthwise conv on (N, C, H, W), then LayerNorm and an MLP on (N, H, W, C)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "grow"])
+def test_taps_inside_a_channels_last_block_are_read_channels_first(strategy):
+    """The MLP's (N, H, W, C) features come out as (N, C, H, W) for the student, the dynamic teacher (read back to
+    the student's channels exactly) and the static teacher, and a feature loss is built on their channels — not on
+    H = 5 "channels", as a dim-1 convention would silently do."""
+    torch.manual_seed(0)
+    model = randomize(ChannelsLast()).double()
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 5, 6], "expand": {"ratio": 2.0, "strategy": strategy}})
+    student, teacher = exp.feature_taps(["fc1", "fc2", "dw"])  # in graph order: dw, fc1, fc2
+    assert student.dims == [1, 3, 3] and student.shapes == [(8, 5, 6), (32, 5, 6), (8, 5, 6)]
+    assert teacher.shapes == [(16, 5, 6), (64, 5, 6), (16, 5, 6)]
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        _, (_, fc1, _) = student(exp.original, x)
+        torch.testing.assert_close(fc1, model.fc1(model.norm(model.dw(model.stem(x)).permute(0, 2, 3, 1)))
+                                   .permute(0, 3, 1, 2))
+        for norm_train in (False, True):
+            _, ref = student(set_mode(exp.original, norm_train), x)
+            _, own = student(set_mode(copy.deepcopy(exp.original).float(), norm_train), x.float())
+            _, wide = teacher(set_mode(exp.teacher, norm_train), x)
+            e = compare(teacher.student_view(wide), ref, own)
+            assert e.ok, (norm_train, e)
+    static = ChannelsLast(12).double()
+    gpd = gpdc.GPD(exp, static, {"kd": "fitnet"}, features={"student": ["fc2"]}).double()
+    assert [r[0].in_channels for r in gpd.feature_kd["teacher"].regressors] == [16]
+    assert [(r[0].in_channels, r[0].out_channels) for r in gpd.feature_kd["student"].regressors] == [(8, 12)]
+    gpd(x, torch.tensor([1, 2])).loss.backward()
+
+
 def test_a_feature_loss_needs_taps_and_pairs_them_in_order():
     exp = expanded()
     static = randomize(Net(8)).double().eval()
@@ -198,7 +244,7 @@ def test_a_feature_loss_needs_taps_and_pairs_them_in_order():
         gpdc.GPD(exp, static, {"kd": "reviewkd"})
     with pytest.raises(gpdc.SpecError, match="the student has 2 tapped features and the static teacher 1"):
         gpdc.GPD(exp, static, {"kd": "reviewkd"}, features={"student": ["stem", "relu"], "teacher": ["relu"]})
-    with pytest.raises(gpdc.SpecError, match=r"\(N, 4, 12\)"):
+    with pytest.raises(gpdc.SpecError, match=r"\(N, 12, 4\) with its channels first"):
         taps = taps_of(gpdc.trace(Tokens(), [2, 4, 6]), ["proj"], "the student")
         ReviewKD(taps.shapes, taps.shapes, TrainSpec(kd="reviewkd"))
 
@@ -320,14 +366,15 @@ def _zoo(name: str) -> nn.Module:
     import torchvision
 
     if name.startswith("timm:"):
-        kw = {"img_size": 32} if "vit" in name else {}
+        kw = {"img_size": 32} if "vit" in name else {"conv_mlp": False} if "convnext" in name else {}  # its MLP: NHWC
         return timm.create_model(name[5:], num_classes=10, **kw)
     return getattr(torchvision.models, name)(num_classes=10)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,taps", [("mobilenet_v2", "features.*"), ("densenet121", "features.denseblock*"),
-                                       ("timm:efficientnet_b0", "blocks.*"), ("timm:vit_tiny_patch16_224", "blocks.*")])
+                                       ("timm:efficientnet_b0", "blocks.*"), ("timm:vit_tiny_patch16_224", "blocks.*"),
+                                       ("timm:convnext_atto", "stages.*.blocks.0.mlp.fc1")])
 def test_zoo_taps_read_back_exactly(name, taps):
     """Real architectures, every stage tapped: the dynamic teacher's features read back are the student's. The CNNs
     run at 64×64: at 32×32 their last stages are 1×1 maps, where train-mode BatchNorm over 2 values per channel is so
@@ -338,6 +385,7 @@ def test_zoo_taps_read_back_exactly(name, taps):
     exp = gpdc.expand(randomize(_zoo(name)).eval(), {"input_shape": [2, 3, size, size], "expand": {"ratio": 2.0}})
     student, teacher = exp.feature_taps([taps])
     assert len(student.names) >= 4, student.names
+    assert "convnext" not in name or student.dims == [3] * 4, student.dims  # inside the blocks: (N, H, W, C)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     for norm_train in (False, True):
         with torch.no_grad():
