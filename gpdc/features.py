@@ -99,7 +99,7 @@ def taps_of(gm: fx.GraphModule, patterns: list[str], what: str, module: nn.Modul
     targets = {n.target.split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     extras = {t: getattr(gm, t) for t in targets if not hasattr(module, t)}
     found = analysed_channel_dims(gm) if channel_dims is None else channel_dims
-    dims = [d if (d := found.get(n.name, 1)) >= 1 else 1 for n in nodes]  # channels in the batch dim: left as is
+    dims = [_feature_dim(found.get(n.name, 1), _shape(n)) for n in nodes]
     return FeatureTaps(list(names), [n.name for n in nodes], dims, [_channels_first(_shape(n), d)
                                                                    for n, d in zip(nodes, dims)],
                        tap_code(gm, list(nodes), dims), extras)
@@ -158,8 +158,16 @@ def _shape(n: fx.Node) -> tuple[int, ...]:
     return tuple(n.meta["gpdc.shape"][1:])
 
 
+def _feature_dim(dim: int, shape: tuple[int, ...]) -> int:
+    """The dim a feature's channels are moved from: 1 (none moved) for channels in the batch dim (a tensor of
+    parameters, say) or a feature with no dim besides the batch."""
+    return dim if 1 <= dim <= len(shape) else 1
+
+
 def _channels_first(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
-    """A feature's shape (batch dropped) with its channel dim (≥ 1, counted with the batch) moved to the front."""
+    """A feature's shape (batch dropped) with its channel dim (counted with the batch) moved to the front."""
+    if dim == 1:
+        return shape
     return (shape[dim - 1], *shape[:dim - 1], *shape[dim:])
 
 
