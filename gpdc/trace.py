@@ -9,6 +9,9 @@
 * Shape propagation from the spec's ``input_shape`` stores ``node.meta["gpdc.shape"]`` for tensor
   values and ``node.meta["gpdc.value"]`` for small non-tensor values (sizes, ints), which the
   channel analysis reads to evaluate reshapes.
+* A tensor an in-place op changed (``x.add_(pos)``, ``F.gelu(x).mul_(gamma)``, ``ReLU(inplace=True)``) is read
+  after that op from the op's result, so the graph's edges carry the data flow: a rewrite that drops an op whose
+  result nobody uses would otherwise drop its effect.
 
 The user's module is never mutated: tracing works on a deep copy.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import linecache
+import operator
 import sys
 import traceback
 from typing import Any, Callable
@@ -63,6 +67,15 @@ def find_module_rule(cls: type):
     return module_rule(cls)
 
 
+def _runs_by_mode(m: nn.Module) -> bool:
+    """A BatchNorm or Dropout of a class of the user's (or a library's) that a rule covers: its forward reads
+    ``self.training``, which tracing into it would fix at the traced (eval) mode for good — a BatchNorm subclass
+    would then never use batch statistics in training — so it stays one node, run by its rule."""
+    return (isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+            and find_module_rule(type(m)) is not None
+            and all("." not in name for name, _ in [*m.named_parameters(), *m.named_buffers()]))
+
+
 class GpdcTracer(ConcreteTracer):
     """A Tracer that honours the leaf registry, records the owning module of each node and the innermost
     module being traced when tracing fails."""
@@ -90,7 +103,7 @@ class GpdcTracer(ConcreteTracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.timm_leaf_types) and not isinstance(m, self.leaf_types):
             return id(m) in self._kept_leaf or find_module_rule(type(m)) is not None
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname) or _runs_by_mode(m)
 
     def call_module(self, m, forward, args, kwargs):
         if self.evaluating:  # a leaf module running on example values, not traced
@@ -246,4 +259,41 @@ def trace(model: nn.Module, input_shape, leaf_modules=(), leaf_functions=()) -> 
     example = torch.randn(*input_shape, dtype=next((p.dtype for p in params), torch.float32))
     gm = symbolic_trace(model, leaf_modules, leaf_functions, example)
     propagate_shapes(gm, example)
+    read_in_place_results(gm)
     return gm
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul}
+
+
+def read_in_place_results(gm: fx.GraphModule) -> None:
+    """Point every later reader of a tensor an op changed in place at that op's result (the same tensor)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modules = dict(gm.named_modules())
+    changed = False
+    for node in gm.graph.nodes:
+        target = node.args[0] if node.args else None
+        if not (isinstance(target, fx.Node) and _is_tensor(target) and _changes_first_arg(node, modules)):
+            continue
+        for user in list(target.users):
+            if order[user] > order[node]:
+                user.replace_input_with(target, node)
+                changed = True
+    if changed:
+        gm.recompile()
+
+
+def _changes_first_arg(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.startswith("_")))
+    return node.op == "call_module" and getattr(modules.get(node.target), "inplace", False) is True
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    shape = node.meta.get("gpdc.shape")
+    return isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)

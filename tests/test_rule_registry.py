@@ -255,3 +255,70 @@ def test_custom_rule_example_runs_and_is_exact():
     assert ("without a rule: 'scale' module of type ChannelScale has parameters and no channel rule; conv2 reads 16 "
             "channels") in r.stdout, r.stdout
     assert r.stdout.count(" exact") == 8 and "NOT EXACT" not in r.stdout, r.stdout
+
+
+class GainConv(nn.Conv2d):
+    """A conv that makes its kernel in forward — a gain per output channel, as timm's ScaledStdConv2dSame."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm with an activation after it, as timm's BatchNormAct2d: the BatchNorm rule still holds."""
+
+    def forward(self, x):
+        return nn.functional.silu(super().forward(x))
+
+
+class OwnForwards(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = GainConv(3, 8, 3, padding=1), BatchNormAct(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), BatchNormAct(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["traced", "leaf"])
+def test_a_subclass_with_its_own_forward_is_not_widened_by_its_base_classes_rule(leaf):
+    """GainConv is a Conv2d whose forward scales the kernel: traced through, its ops widen it; kept as a leaf, it runs
+    at the student's width (exact; no internal error over its unmapped gain). BatchNormAct, a BatchNorm of the
+    user's class, stays one node (tracing into it would fix its mode at eval) widened by the BatchNorm rule."""
+    from gpdc.exactness import randomize
+
+    torch.manual_seed(0)
+    model = randomize(OwnForwards())
+    assert registry.module_rule(GainConv) is None and registry.module_rule(BatchNormAct) is not None
+    with registry.scoped():
+        if leaf:
+            gpdc.register_leaf_module(GainConv)
+        exp = gpdc.expand(model, {"input_shape": [2, 3, 6, 6], "expand": {"ratio": 2.0}})
+    checks = check_expansion(exp, torch.randn(2, 3, 6, 6))
+    assert all(c["ok"] for c in checks.values()), checks
+    assert exp.teacher.get_submodule("bn1").num_features == (8 if leaf else 16)  # GainConv's output: widened if traced
+    assert {n.target for n in exp.original.graph.nodes if n.op == "call_module"} >= {"bn1", "bn2"}
+    assert exp.teacher.get_submodule("bn2").num_features == 16
+
+
+def test_timm_scaled_std_conv_same_is_traced_through_and_exact():
+    """timm keeps ScaledStdConv2dSame out of fx graphs; its kernel is standardised over the fan-in and scaled by a
+    gain, so the Conv2d rule would be wrong (and left its gain unmapped: an internal error on dm_nfnet)."""
+    from timm.layers import ScaledStdConv2dSame
+
+    from gpdc.exactness import randomize
+
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(ScaledStdConv2dSame(3, 8, 3, stride=2), nn.GELU(), ScaledStdConv2dSame(8, 8, 3),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+    for ratio, strategy in ((2.0, "replicate"), (1.5, "grow")):
+        exp = gpdc.expand(model, {"input_shape": [2, 3, 9, 9], "expand": {"ratio": ratio, "strategy": strategy}})
+        checks = check_expansion(exp, torch.randn(2, 3, 9, 9))
+        assert all(c["ok"] for c in checks.values()), (ratio, checks)
+        assert not exp.student_width and any(g.teacher_width > g.width for g in exp.groups)

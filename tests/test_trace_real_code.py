@@ -319,3 +319,59 @@ def test_a_kd_zoo_model_expands_exactly():
     exp = gpdc.expand(CifarResNet(), {"input_shape": [2, 3, 32, 32], "expand": {"ratio": 2.0}})
     results = check_expansion(exp, torch.randn(2, 3, 32, 32))
     assert all(r["ok"] for r in results.values()), results
+
+
+class InPlaceEffects(nn.Module):
+    """In-place ops whose results nobody reads — timm NaFlexViT's ``x.add_(pos)``, NFNet's ``gelu(x).mul_(gamma)`` —
+    and an in-place ReLU whose input is read again afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x.add_(self.pos)
+        y = F.gelu(self.conv(x))
+        y.mul_(1.7)
+        z = self.conv(y)
+        r = self.relu(z)
+        return self.head((z + 0.5 * r).mean((2, 3)))  # z is r now
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "grow"])
+def test_in_place_effects_reach_the_teacher(strategy):
+    """Every tensor an op changed in place is read from that op afterwards, so the teacher (which computes only
+    what the output uses) keeps the effect; the graph still equals the model, and the expansion is exact."""
+    torch.manual_seed(0)
+    model = InPlaceEffects().eval()
+    x = torch.randn(2, 3, 6, 6)
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 6, 6], "expand": {"ratio": 2.0, "strategy": strategy}})
+    in_place = [n for n in exp.original.graph.nodes if str(n.target) in ("add_", "mul_", "relu")]
+    assert len(in_place) == 3 and all(n.users for n in in_place)
+    with torch.no_grad():
+        torch.testing.assert_close(exp.original(x), model(x))
+    results = check_expansion(exp, x)
+    assert all(r["ok"] for r in results.values()), results
+
+
+class OwnBatchNorm(nn.BatchNorm2d):
+    """A code base's own BatchNorm class (here: only its initialisation differs)."""
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.constant_(self.weight, 0.5)
+
+
+def test_a_batchnorm_of_the_users_class_follows_the_mode():
+    """Traced into, its forward would be fixed at eval mode (batch statistics never used in training); it stays one
+    node and the traced graph equals the model in train mode too."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), OwnBatchNorm(4), nn.Dropout(0.0))
+    gm = gpdc.trace(model, [2, 3, 8, 8])
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm.train()(x), model.train()(x))

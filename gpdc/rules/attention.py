@@ -202,6 +202,8 @@ class WindowAttentionRule(AttentionRule):
     """Swin window attention (torchvision V1/V2, timm) and MaxViT's relative-position attention:
     fused qkv, a relative position bias table with one column per head."""
 
+    covers_own_forward = True  # torchvision's V2 subclasses V1: logit scale and a bias MLP, which this rule widens
+
     def __init__(self, qkv: str = "qkv", proj: str = "proj", heads_attr: str = "num_heads"):
         self.qkv, self.proj, self.heads_attr = qkv, proj, heads_attr
 

@@ -34,6 +34,8 @@ class PerHeadNorm:
 
 
 class BatchNormRule(Rule):
+    covers_own_forward = True  # timm's BatchNormAct2d: an activation (and dropout) after the normalisation
+
     def analyze(self, node: fx.Node, an):
         L = an.layout_of(node.args[0])
         m = an.module(node)

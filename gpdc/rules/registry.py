@@ -37,6 +37,10 @@ class Rule:
     accepts_split = False
     #: whether the rule must run even when no input carries widened channels (it opens a space)
     opens_space = False
+    #: as a module rule, whether it also covers subclasses that define a forward of their own: true where such
+    #: subclasses keep the math (an activation after a BatchNorm, Swin V2's window attention); others are traced
+    #: through (a conv subclass's forward often makes its kernel: standardised, masked, scaled)
+    covers_own_forward = False
 
     def analyze(self, node: fx.Node, an):  # pragma: no cover - interface
         raise NotImplementedError
@@ -86,9 +90,9 @@ def find_rule(node: fx.Node, an) -> Rule | None:
     module with parameters, the rule that runs it at the student's width (``gpdc.rules.student_width``)."""
     if node.op == "call_module":
         m = an.module(node)
-        for cls in type(m).__mro__:
-            if cls in _MODULE_RULES:
-                return _MODULE_RULES[cls]
+        rule = module_rule(type(m))
+        if rule is not None:
+            return rule
         stateless = next(m.parameters(), None) is None and next(m.buffers(), None) is None
         if stateless:
             return _probed(node)
@@ -112,8 +116,15 @@ def _probed(node: fx.Node) -> Rule | None:
 
 
 def module_rule(cls: type) -> "Rule | None":
-    """The rule registered for ``cls`` or its nearest base class."""
-    return next((_MODULE_RULES[c] for c in cls.__mro__ if c in _MODULE_RULES), None)
+    """The rule registered for ``cls``, or for its nearest base class with one, unless ``cls`` defines a forward of
+    its own that the rule does not cover (``Rule.covers_own_forward``): a conv subclass with its own forward often
+    computes its kernel (timm's ``ScaledStdConv2dSame`` standardises it over the fan-in, with a gain of its own), so
+    it is traced through, or run at the student's width, rather than widened as a plain conv."""
+    ruled = next((c for c in cls.__mro__ if c in _MODULE_RULES), None)
+    if ruled is None:
+        return None
+    rule = _MODULE_RULES[ruled]
+    return rule if cls.forward is ruled.forward or rule.covers_own_forward else None
 
 
 @contextmanager
