@@ -172,7 +172,8 @@ def expand_cmd(model: str, spec_path: str, entry: str, explain: bool, as_json: b
 @click.option("--out", default=None, help="Output folder (default out/<model>).")
 @click.option("--entry", default="build_model", show_default=True, help="Function in model.py that builds the model.")
 @click.option("--explain", is_flag=True, help="Print what each pass did to each layer and why it skipped what it skipped.")
-def compile_cmd(model: str, spec_path: str, out: str | None, entry: str, explain: bool) -> None:
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export and its check (for a model torch.onnx cannot export).")
+def compile_cmd(model: str, spec_path: str, out: str | None, entry: str, explain: bool, no_onnx: bool) -> None:
     """Expand, branch, fold and export MODEL; check every step for exactness.
 
     Exit 0 when every check passes, 1 when an equivalence check fails, 2 for bad input."""
@@ -183,7 +184,7 @@ def compile_cmd(model: str, spec_path: str, out: str | None, entry: str, explain
             console.print(f"[green]✓[/] {name:11s} {seconds:7.2f}s")
             status.update(f"after {name}")
 
-        report, log = compile_model(model, spec_path, out, entry, on_stage)
+        report, log = compile_model(model, spec_path, out, entry, on_stage, onnx=not no_onnx)
     if explain:
         for line in log:
             click.echo(f"  {line}")
@@ -192,8 +193,10 @@ def compile_cmd(model: str, spec_path: str, out: str | None, entry: str, explain
     out_console = Console()
     out_console.print(f"fold            max rel error {report['fold']['max_rel_error']:.2e} "
                       + ("[green]exact[/]" if report["fold"]["ok"] else "[red]NOT EXACT[/]"))
-    out_console.print(f"onnx            max abs {o['max_abs']:.2e} (tol {o['tolerance']:.2e}), cosine {o['cosine']:.7f}, "
-                      f"worst output '{o['worst_output']}' ({o['worst_setting']}) " + ("[green]equal[/]" if o["ok"] else "[red]DIFFERS[/]"))
+    if o is not None:
+        out_console.print(f"onnx            max abs {o['max_abs']:.2e} (tol {o['tolerance']:.2e}), cosine {o['cosine']:.7f}, "
+                          f"worst output '{o['worst_output']}' ({o['worst_setting']}) "
+                          + ("[green]equal[/]" if o["ok"] else "[red]DIFFERS[/]"))
     out_console.print(f"wrote {', '.join(report['files'])} to {report['out']}")
     sys.exit(0 if report["ok"] else 1)
 
@@ -273,8 +276,9 @@ def check_cmd(onnx_file: str, model_ref: str, weights: str, entry: str, atol: fl
 @click.option("--entry", default="build_model", help="Function in model.py that builds the model.")
 @click.option("--teacher-entry", default=None,
               help="Function in the teacher's model.py that builds it (default: --entry), so one file can hold both.")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX export of the folded student at the end.")
 def train_cmd(student, spec_path, data, teacher_ref, teacher_weights, student_weights, epochs, lr, batch_size, out,
-              resume, save_every, seed, entry, teacher_entry) -> None:
+              resume, save_every, seed, entry, teacher_entry, no_onnx) -> None:
     """GPD training of STUDENT (distill with --teacher, scratch without, finetune with --student-weights)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -285,7 +289,8 @@ def train_cmd(student, spec_path, data, teacher_ref, teacher_weights, student_we
         metrics = train(student, spec_path, data, out, teacher_ref=teacher_ref, teacher_weights=teacher_weights,
                         student_weights=student_weights, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         resume=resume, entry=entry, teacher_entry=teacher_entry, progress=progress,
-                        save_every=save_every, log=lambda line: print(line, flush=True))  # stdout, terminal or not
+                        save_every=save_every, export=not no_onnx,
+                        log=lambda line: print(line, flush=True))  # stdout, terminal or not
     if metrics:
         last = metrics[-1]
         parts = [f"{k} {100 * last[k]:.2f}%" for k in ("student_acc", "teacher_acc", "static_acc") if last.get(k) is not None]

@@ -1,7 +1,7 @@
 """The non-training pipeline behind ``gpdc compile``: expand → check → fold → export → check.
 
-Writes ``teacher.safetensors``, ``student.safetensors``, ``student.onnx`` and ``report.json`` to the
-output folder, together or not at all: into a staging folder beside it that is swapped in at the end
+Writes ``teacher.safetensors``, ``student.safetensors``, ``student.onnx`` (unless ``onnx=False``: for a model
+torch.onnx cannot export) and ``report.json`` to the output folder, together or not at all: into a staging folder beside it that is swapped in at the end
 (:mod:`gpdc.outdir`; other files in the folder are kept). Bad input is detected before anything is
 written; a failed or interrupted run leaves the previous outputs as they were.
 """
@@ -46,17 +46,18 @@ def _tensors(sd: dict) -> dict:
 
 
 def compile_model(model_ref: str, spec_path: str, out: str | None = None, entry: str = "build_model",
-                  on_stage: Callable[[str, float], None] = lambda name, s: None) -> tuple[dict, list[str]]:
+                  on_stage: Callable[[str, float], None] = lambda name, s: None,
+                  onnx: bool = True) -> tuple[dict, list[str]]:
     """Run the pipeline; returns (report, rewrite log). The report says pass/fail per check.
 
     While it runs, SIGINT raises KeyboardInterrupt and SIGTERM ``gpdc.outdir.Terminated``, so that the
     staging folder is removed whatever happens."""
     with StagedDir() as staged:
-        return _compile(model_ref, spec_path, out, entry, on_stage, staged)
+        return _compile(model_ref, spec_path, out, entry, on_stage, staged, onnx)
 
 
 def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_stage: Callable[[str, float], None],
-             staged: StagedDir) -> tuple[dict, list[str]]:
+             staged: StagedDir, onnx: bool) -> tuple[dict, list[str]]:
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -87,12 +88,14 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
             fold_err, fold_leaf = max_rel_difference(a, b)
             fold = {"max_rel_error": fold_err, "ok": fold_err <= 1e-5, "leaf": fold_leaf}
     plans = describe_plans(seen)
-    with stage("export"), staged.writing("student.onnx"):
-        onnx_path = out_dir / "student.onnx"
-        export_onnx(folded, x, onnx_path)
-    with stage("check_onnx"):
-        torch.manual_seed(1)
-        eq = check_onnx(onnx_path, folded, torch.randn(*shape))
+    eq = None
+    if onnx:
+        with stage("export"), staged.writing("student.onnx"):
+            onnx_path = out_dir / "student.onnx"
+            export_onnx(folded, x, onnx_path)
+        with stage("check_onnx"):
+            torch.manual_seed(1)
+            eq = check_onnx(onnx_path, folded, torch.randn(*shape))
     with stage("write"):
         staged.write("teacher.safetensors", lambda p: save_file(_tensors(exp.teacher.state_dict()), p))
         staged.write("student.safetensors", lambda p: save_file(_tensors(folded_sd), p))
@@ -102,12 +105,12 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
         "ir": ir,
         "fold": fold,
         "branch_plans": plans,
-        "onnx": eq.as_dict(),
-        "ok": all(c["ok"] for c in ir.values()) and fold["ok"] and eq.ok,
+        "onnx": eq.as_dict() if eq else None,
+        "ok": all(c["ok"] for c in ir.values()) and fold["ok"] and (eq is None or eq.ok),
         "check_input_shape": shape,
         "notes": [n for n in (shape_note,) if n],
         "seconds": timings,
-        "files": ["teacher.safetensors", "student.safetensors", "student.onnx", "report.json"],
+        "files": ["teacher.safetensors", "student.safetensors", *(["student.onnx"] if eq else []), "report.json"],
     }
     staged.write("report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     staged.commit()  # all four files appear at once

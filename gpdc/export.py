@@ -1,8 +1,9 @@
 """ONNX export and the onnxruntime equivalence check, shared by the CLI and the tests.
 
-``export_onnx`` writes an opset-17 file (18 through the dynamo exporter when the TorchScript exporter
-cannot express an op) with a dynamic batch axis (to a temporary file, renamed into
-place) and runs ``onnx.checker`` with the full check. ``check_onnx`` runs it in onnxruntime on CPU
+``export_onnx`` writes an opset-17 file with a dynamic batch axis (to a temporary file, renamed into place) that
+passes ``onnx.checker``'s full check and runs in onnxruntime; where the TorchScript exporter cannot express an op, or
+writes a graph onnxruntime cannot run, the dynamo exporter's (opset 18); where neither can, an ``ExportError`` names
+both reasons (the exporters' own printing is kept off the console). ``check_onnx`` runs it in onnxruntime on CPU
 with graph optimisations off and on, and compares every output against PyTorch: max abs, max rel,
 cosine, the worst output. The tolerance is relative to the output scale:
 ``max abs <= atol · max(1, max|ref|)`` and cosine >= 0.99999 (DESIGN.md §4).
@@ -11,10 +12,13 @@ cosine, the worst output. The tolerance is relative to the output scale:
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -50,24 +54,73 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     flat = _TensorLeaves(model).eval()  # the exporter restores the wrapper's mode, recursively, afterwards
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
+    failures = []
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            try:  # the TorchScript exporter: fast, and opset 17 exactly
-                torch.onnx.export(flat, (example,), tmp, opset_version=opset, dynamo=False,
-                                  input_names=["input"], output_names=names,
-                                  dynamic_axes={"input": {0: "batch"}, **batch_axes})
-            except Exception:  # ops it cannot express (e.g. adaptive pooling to a non-divisor size)
-                batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(flat, (example,), tmp, opset_version=max(opset, 18), dynamo=True,
-                                  input_names=["input"], output_names=names,
-                                  dynamic_shapes=({0: batch},), verbose=False)
-        onnx.checker.check_model(tmp, full_check=True)
+        for name, exporter in ((f"TorchScript exporter (opset {opset})", _torchscript),
+                               (f"dynamo exporter (opset {max(opset, 18)})", _dynamo)):
+            try:
+                with _exporters_output(), warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    exporter(flat, example, tmp, names, batch_axes, opset)
+                onnx.checker.check_model(tmp, full_check=True)
+                _session(Path(tmp), optimize=False).run(None, {"input": example.numpy()})
+                break
+            except Exception as e:  # torch.onnx, onnx and onnxruntime raise many types here
+                failures.append(f"the {name}: {_reason(e)}")
+        else:
+            raise ExportError("torch.onnx cannot export the folded student, which has your model's architecture (so "
+                              f"exporting your model fails the same way): {'; '.join(failures)}. The rewrite itself "
+                              "is not involved: `--no-onnx` (gpdc compile, gpdc train) skips the export and keeps "
+                              "every other output and check; an op the exporters lack can be given an ONNX "
+                              "translation (torch.onnx's custom-op docs).")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _torchscript(flat, example, path, names, batch_axes, opset):
+    """Fast, and the opset asked for."""
+    torch.onnx.export(flat, (example,), path, opset_version=opset, dynamo=False, input_names=["input"],
+                      output_names=names, dynamic_axes={"input": {0: "batch"}, **batch_axes})
+
+
+def _dynamo(flat, example, path, names, batch_axes, opset):
+    """Expresses more ops (adaptive pooling to a size that does not divide the input), at opset 18 at least."""
+    torch.onnx.export(flat, (example,), path, opset_version=max(opset, 18), dynamo=True, input_names=["input"],
+                      output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+
+
+@contextmanager
+def _exporters_output() -> Iterator[None]:
+    """Drop what the exporters print — C++ included (the TorchScript exporter prints its whole IR graph when it
+    fails): gpdc reports a failure in one paragraph."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost exception of the chain, type and last line (the dynamo exporter wraps the real reason)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {(lines[-1] if lines else '')[:300]}"
+
+
+class ExportError(GpdcError):
+    """Neither ONNX exporter can export the model (an op they cannot translate), or onnxruntime cannot run it."""
 
 
 @dataclass

@@ -136,3 +136,46 @@ def test_compile_bad_input_exits_2_and_writes_nothing(kind, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "error:" in r.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+NO_ONNX = '''
+import torch.nn.functional as F
+from torch import nn
+
+
+class NoOnnx(nn.Module):
+    """Ops neither ONNX exporter takes: an antialiased bicubic resize (TorchScript), 5-D attention (dynamo)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        q = x.unsqueeze(1)
+        x = x + F.scaled_dot_product_attention(q, q, q).squeeze(1)
+        x = F.interpolate(self.conv1(x), scale_factor=2.0, mode="bicubic", antialias=True)
+        return self.head(self.conv2(x).mean((2, 3)))
+
+
+def build_model():
+    return NoOnnx()
+'''
+
+
+def test_a_model_no_onnx_exporter_takes_is_one_paragraph_and_compiles_with_no_onnx(tmp_path):
+    """Both exporters' reasons in one paragraph (their own printing — the TorchScript exporter's whole IR graph —
+    kept off the console), nothing written; ``--no-onnx`` writes the rest, every other check on."""
+    (tmp_path / "m.py").write_text(NO_ONNX)
+    (tmp_path / "s.yaml").write_text("input_shape: [2, 3, 6, 6]\n")
+    args = [str(tmp_path / "m.py"), "--spec", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")]
+    r = run_cli("compile", *args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "Torch IR" not in r.stdout + r.stderr
+    error = r.stderr[r.stderr.index("error:"):]
+    assert "torch.onnx cannot export" in error and "_upsample_bicubic2d_aa" in error and "only 4D" in error
+    assert "--no-onnx" in error and not (tmp_path / "out").exists()
+    r = run_cli("compile", *args, "--no-onnx")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["report.json", "student.safetensors", "teacher.safetensors"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ok"] and report["onnx"] is None and all(c["ok"] for c in report["ir"].values())

@@ -363,3 +363,29 @@ def test_cpu_training_keeps_freed_memory_in_the_process():
     """gpdc train on CPU asks glibc to serve blocks up to 32 MiB from its heap and keep freed heap (each step would
     otherwise page-fault fresh memory for its large tensors): both settings are accepted."""
     assert gpdc.keep_freed_memory()
+
+
+def test_a_student_no_onnx_exporter_takes_keeps_its_trained_weights(tmp_path):
+    """After training, an export neither ONNX exporter can do is reported (report.json, the log), not a crash that
+    loses the run; the folded student is written."""
+    (tmp_path / "m.py").write_text(
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv1, self.conv2, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3), nn.Linear(6, 10)\n"
+        "    def forward(self, x):\n"
+        "        q = x.unsqueeze(1)\n"
+        "        x = x + F.scaled_dot_product_attention(q, q, q).squeeze(1)  # 5-D: not for the dynamo exporter\n"
+        "        x = F.interpolate(self.conv1(x), scale_factor=0.5, mode='bicubic', antialias=True)  # nor TorchScript\n"
+        "        return self.fc(self.conv2(x).mean((2, 3)))\n"
+        "def build_model():\n"
+        "    return M()\n")
+    lines = []
+    metrics = train(str(tmp_path / "m.py"), tiny_spec(epochs=1), "digits", str(tmp_path / "out"), log=lines.append)
+    out = tmp_path / "out"
+    assert len(metrics) == 1 and (out / "student.safetensors").exists() and not (out / "student.onnx").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert not report["onnx"]["ok"] and "torch.onnx cannot export" in report["onnx"]["error"]
+    assert any(line.startswith("no student.onnx: torch.onnx cannot export") for line in lines)
