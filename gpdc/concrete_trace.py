@@ -5,7 +5,9 @@ Code that turns a traced value into a Python value (``if h == 64:``, ``int(x.siz
 knows every value; when it depends only on the input's *metadata* (shapes, ranks, dtypes) it is
 used as a constant and recorded as a specialisation, so the graph is right for inputs of that shape.
 A value computed from tensor *data* stays an error: one graph cannot hold both branches.
-Operations that need no Python value stay symbolic (``x.view(x.size(0), -1)`` keeps the batch free).
+Operations that need no Python value stay symbolic (``x.view(x.size(0), -1)`` keeps the batch free), and so do
+torch's factory functions given traced sizes (``torch.ones(b, h * w)``), which torch's argument parser would
+otherwise refuse.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import linecache
 import operator
 import os
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -31,6 +34,7 @@ META_METHODS = frozenset({
     "is_contiguous", "is_floating_point", "is_complex",
 })
 META_FUNCTIONS = (torch.numel, torch.is_floating_point, torch.is_complex)
+FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "arange", "eye", "linspace")
 _INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 
 
@@ -163,12 +167,35 @@ class ConcreteTracer(fx.Tracer):
 
     def trace(self, root: torch.nn.Module, concrete_args: Any = None) -> fx.Graph:
         """Trace, then erase the size computations whose values were consumed as Python constants."""
-        graph = super().trace(root, concrete_args)
+        with self._traced_factories():
+            graph = super().trace(root, concrete_args)
         self._settle_probes([])
         for node in reversed(graph.nodes):
             if node in self._sizes and not node.users:
                 graph.erase_node(node)
         return graph
+
+    @contextmanager
+    def _traced_factories(self) -> Iterator[None]:
+        """While tracing, ``torch.ones(b, h * w)`` with a traced size records a node: torch's argument parser takes
+        no proxy inside a list of sizes (it fails with "ones() takes 1 positional argument but 2 were given")."""
+        originals = {name: getattr(torch, name) for name in FACTORIES}
+
+        def traced(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def factory(*args, **kwargs):
+                if self.evaluating or not _proxies_in((args, kwargs)):
+                    return fn(*args, **kwargs)
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return factory
+
+        for name, fn in originals.items():
+            setattr(torch, name, traced(fn))
+        try:
+            yield
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
 
     def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None):
         """One placeholder, for the input: Python fills in the other arguments' defaults (no asserts, no pytree)."""

@@ -375,3 +375,34 @@ def test_a_batchnorm_of_the_users_class_follows_the_mode():
     assert [n.op for n in gm.graph.nodes].count("call_module") == 3
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(gm.train()(x), model.train()(x))
+
+
+class TracedSizes(nn.Module):
+    """Factory functions given traced sizes, as timm's Gemma 4 ViT builds its patch mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2, 2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        valid = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
+        pos = torch.arange(h * w, device=x.device).float() / (h * w) + torch.zeros(b, 1, h * w)
+        tokens = y.flatten(2) * valid.unsqueeze(1) + pos
+        return self.head(tokens.mean(-1))
+
+
+def test_factory_functions_take_traced_sizes_and_the_batch_stays_free():
+    torch.manual_seed(0)
+    model = TracedSizes().eval()
+    gm = gpdc.trace(model, [2, 3, 8, 8])
+    assert {n.target for n in gm.graph.nodes if n.op == "call_function"} >= {torch.ones, torch.zeros, torch.arange}
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(gm(x), model(x))
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 8, 8], "expand": {"ratio": 2.0}})
+    assert any(g.teacher_width > g.width for g in exp.groups)
+    results = check_expansion(exp, torch.randn(2, 3, 8, 8))
+    assert all(r["ok"] for r in results.values()), results
