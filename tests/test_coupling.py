@@ -158,8 +158,31 @@ class ShuffledGate(nn.Module):
         return self.head((a * torch.sigmoid(perm) + self.c(b)).mean((2, 3)))
 
 
+class FilterResponse(nn.Module):
+    """Filter response normalisation + TLU as timm writes it: a per-channel statistic expanded back to ``x.shape``
+    (and once with ``expand_as``), then a learned per-channel threshold."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.Linear(c, 5)
+        self.weight, self.bias, self.tau = (nn.Parameter(torch.randn(c)) for _ in range(3))
+
+    def frn(self, x, as_of):
+        nu2 = x.square().mean((2, 3), keepdim=True)
+        scale = (nu2 + 1e-6).rsqrt()
+        x = x * (scale.expand(x.shape) if as_of is None else scale.expand_as(as_of))
+        return torch.maximum(x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1), self.tau.view(1, -1, 1, 1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.frn(x, None)
+        y = self.conv(x)
+        return self.head(self.frn(y, y).mean((2, 3)))
+
+
 BLOCKS = {"ghost": Ghost, "partial_shortcut": PartialShortcut, "res2": Res2, "mixed_conv": MixedConv,
-          "dual_path": DualPath, "shufflenet_v1": ShuffleV1, "shuffled_gate": ShuffledGate}
+          "dual_path": DualPath, "shufflenet_v1": ShuffleV1, "shuffled_gate": ShuffledGate,
+          "filter_response_norm": FilterResponse}
 
 
 def assert_exact(model, size=12, ratio=2.0, strategy="replicate", free=()):

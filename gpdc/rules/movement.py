@@ -27,7 +27,7 @@ from .params import follow
 from .context import ChannelsIn
 from .heads import (HeadSplit, LaneSplit, expand_split_heads, expand_unflatten_lanes, lane_split, split_factors,
                     split_heads, unflatten_lanes)
-from .probe import call_node, known_value
+from .probe import PROBED, call_node, known_value
 from .registry import Rule, find_rule, register_function_rule, register_method_rule, register_module_rule
 from .shapes import is_reshape, patch_shape
 
@@ -512,6 +512,44 @@ class NormReduceRule(ReduceRule):
         return out
 
 
+class BroadcastRule(Rule):
+    """``x.expand(y.shape)``, ``x.expand_as(y)``, ``torch.broadcast_to(x, y.shape)`` where ``y`` holds ``x``'s channels in
+    the same dim — a per-channel statistic broadcast back over the map it was taken from (FilterResponseNorm): the
+    channels stay where they are, and the target shape, read from ``y``, is the teacher's in the teacher. Any other
+    broadcast (constant sizes, one channel repeated over many, a ``y`` that a view or reshape made — it may hold
+    channels folded into other dims, as EvoNorm's groups) is left to the probe."""
+
+    def analyze(self, node: fx.Node, an):
+        L = an.layout_of(node.args[0])
+        if not (isinstance(L, Layout) and _to_shape_of_own_channels(node, L, an)):
+            return PROBED.analyze(node, an)
+        return L.with_dim(L.dim + _new_dims(node))
+
+    def expand(self, node: fx.Node, ex) -> None:
+        L = ex.an.layout_of(node.args[0])
+        if not (isinstance(L, Layout) and _to_shape_of_own_channels(node, L, ex.an)):
+            return PROBED.expand(node, ex)
+        TI = ex.tl[node.args[0]]
+        ex.emit_copy(node, TI.take(np.arange(TI.width), dim=ex.layout(node).dim))
+
+
+def _new_dims(node: fx.Node) -> int:
+    return len(node.meta["gpdc.shape"]) - len(node.args[0].meta["gpdc.shape"])
+
+
+def _to_shape_of_own_channels(node: fx.Node, L: Layout, an) -> bool:
+    """Whether the broadcast's target shape is read from a tensor holding ``L``'s channels at the output's dim."""
+    target = node.args[1] if len(node.args) == 2 else None
+    if node.target != "expand_as":  # the target shape: ``y.shape`` or ``y.size()``
+        shape_read = isinstance(target, fx.Node) and (
+            (target.op == "call_function" and target.target is getattr and target.args[1] == "shape")
+            or (target.op == "call_method" and target.target == "size" and len(target.args) == 1))
+        target = target.args[0] if shape_read else None
+    T = an.layout_of(target) if isinstance(target, fx.Node) and not is_reshape(target) else None
+    return (isinstance(T, Layout) and T.dim == L.dim + _new_dims(node) and T.width == L.width
+            and bool(np.array_equal(an.channel_keys(T), an.channel_keys(L))))
+
+
 _MOVE_METHODS = ("view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze",
                  "chunk", "split", "narrow", "unflatten", "movedim", "swapaxes", "unbind")
 _MOVE_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
@@ -522,6 +560,9 @@ for _f in _MOVE_FUNCTIONS:
     register_function_rule(_f, MoveRule())
 for _cls in (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.ChannelShuffle):
     register_module_rule(_cls, MoveRule())
+for _m in ("expand", "expand_as"):
+    register_method_rule(_m, BroadcastRule())
+register_function_rule(torch.broadcast_to, BroadcastRule())
 register_function_rule(torch.cat, CatRule())
 register_function_rule(torch.concat, CatRule())
 for _name, _mean in (("mean", True), ("sum", False)):
