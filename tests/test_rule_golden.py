@@ -108,6 +108,8 @@ GOLDEN = {
                                       b=nn.Conv2d(8, 4, 1)), {movement.CatChannels}),
     movement.MoveRule: (lambda: Lambda(lambda s, x: torch.cat([x.chunk(2, 1)[1], x[:, :4]], 1)),
                         {movement.Item, movement.Select}),
+    movement.BroadcastRule: (lambda: Lambda(lambda s, x: x * (x.square().mean((2, 3), keepdim=True) + 1e-6).rsqrt()
+                                            .expand(x.shape)), set()),  # filter response normalisation
     movement.ReduceRule: (lambda: Lambda(lambda s, x: x - x.mean(1, keepdim=True)), {gpdc.rules.ChannelsIn}),
     movement.NormReduceRule: (lambda: Lambda(lambda s, x: x * x.norm(p=2, dim=(2, 3), keepdim=True)),
                               {movement.ReduceOther}),

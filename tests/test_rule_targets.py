@@ -50,6 +50,7 @@ FUNCTIONS = {
     torch.squeeze: lambda x: torch.squeeze(x[:, :, :1], 2), torch.unsqueeze: lambda x: torch.unsqueeze(x, 2),
     torch.unbind: lambda x: torch.unbind(x, 2)[3], torch.mean: lambda x: torch.mean(x, (2, 3)),
     torch.sum: lambda x: torch.sum(x, 1, keepdim=True), torch.norm: lambda x: torch.norm(x, dim=(2, 3)),
+    torch.broadcast_to: lambda x: x * torch.broadcast_to(x.mean((2, 3), keepdim=True), x.size()),
     torch.roll: lambda x: torch.roll(x, (1, 2), (2, 3)), F.pad: lambda x: F.pad(x, (1, 0, 0, 1)),
     F.interpolate: lambda x: F.interpolate(x, scale_factor=2.0), F.max_pool1d: lambda x: F.max_pool1d(x.flatten(2), 2),
     F.max_pool2d: lambda x: F.max_pool2d(x, 2), F.max_pool3d: lambda x: F.max_pool3d(x.unsqueeze(2), (1, 2, 2)),
@@ -88,6 +89,8 @@ METHODS = {
     "unbind": lambda x: x.unbind(3)[2], "unflatten": lambda x: x.unflatten(2, (2, 4)),
     "mean": lambda x: x.mean(1, keepdim=True), "sum": lambda x: x.sum((2, 3)), "norm": lambda x: x.norm(dim=2),
     "to": lambda x: x.to(torch.float32), "type_as": lambda x: x.type_as(x), "sqrt": lambda x: x.abs().sqrt(),
+    "expand": lambda x: x * x.square().mean((2, 3), keepdim=True).expand(x.shape),
+    "expand_as": lambda x: x / (x.abs().mean((2, 3), keepdim=True) + 1).expand_as(x),
 }
 def _flat(x):
     return x.flatten(2)
