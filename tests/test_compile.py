@@ -162,6 +162,7 @@ def build_model():
 '''
 
 
+@pytest.mark.slow  # two CLI processes
 def test_a_model_no_onnx_exporter_takes_is_one_paragraph_and_compiles_with_no_onnx(tmp_path):
     """Both exporters' reasons in one paragraph (their own printing — the TorchScript exporter's whole IR graph —
     kept off the console), nothing written; ``--no-onnx`` writes the rest, every other check on."""

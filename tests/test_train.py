@@ -365,6 +365,7 @@ def test_cpu_training_keeps_freed_memory_in_the_process():
     assert gpdc.keep_freed_memory()
 
 
+@pytest.mark.slow  # a training run
 def test_a_student_no_onnx_exporter_takes_keeps_its_trained_weights(tmp_path):
     """After training, an export neither ONNX exporter can do is reported (report.json, the log), not a crash that
     loses the run; the folded student is written."""
