@@ -1,8 +1,8 @@
 """The non-training pipeline behind ``gpdc compile``: expand → check → fold → export → check.
 
 Writes ``teacher.safetensors``, ``student.safetensors``, ``student.onnx`` (unless ``onnx=False``: for a model
-torch.onnx cannot export) and ``report.json`` to the output folder, together or not at all: into a staging folder beside it that is swapped in at the end
-(:mod:`gpdc.outdir`; other files in the folder are kept). Bad input is detected before anything is
+torch.onnx cannot export) and ``report.json`` to the output folder, together or not at all: into a staging folder
+beside it that is swapped in at the end (:mod:`gpdc.outdir`; other files in the folder are kept). Bad input is detected before anything is
 written; a failed or interrupted run leaves the previous outputs as they were.
 """
 
@@ -113,7 +113,7 @@ def _compile(model_ref: str, spec_path: str, out: str | None, entry: str, on_sta
         "files": ["teacher.safetensors", "student.safetensors", *(["student.onnx"] if eq else []), "report.json"],
     }
     staged.write("report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    staged.commit()  # all four files appear at once
+    staged.commit()  # the files appear at once
     report["out"] = str(staged.shown)
     return report, exp.log + [_plan_line(name, p) for name, p in plans.items()]
 

@@ -98,7 +98,11 @@ def _exporters_output() -> Iterator[None]:
     fails): gpdc reports a failure in one paragraph."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    saved = [os.dup(1), os.dup(2)]
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no standard streams to quiet (a daemon's closed descriptors)
+        yield
+        return
     with open(os.devnull, "w") as null:
         os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
         try:

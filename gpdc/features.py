@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import GpdcError, SpecError
 from .outputs import OutputMap
+from .trace import holds_tensor
 
 
 @dataclass
@@ -52,7 +53,7 @@ class FeatureTaps:
 
 def find_taps(gm: fx.GraphModule, patterns: list[str], what: str) -> list[tuple[str, fx.Node]]:
     """(name, node) for what ``patterns`` name in ``gm`` (each pattern at least one), in graph order, no repeats."""
-    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and _is_tensor(n)]
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and holds_tensor(n)]
     owners = _module_outputs(nodes)
     found: dict[fx.Node, str] = {}
     for pattern in patterns:
@@ -147,11 +148,6 @@ def _module_outputs(nodes: list[fx.Node]) -> dict[str, fx.Node]:
 def _segment_match(name: str, pattern: str) -> bool:
     a, b = name.split("."), pattern.split(".")
     return len(a) == len(b) and all(fnmatch.fnmatchcase(x, p) for x, p in zip(a, b))
-
-
-def _is_tensor(n: fx.Node) -> bool:
-    s = n.meta.get("gpdc.shape")
-    return isinstance(s, tuple) and all(isinstance(d, int) for d in s)
 
 
 def _shape(n: fx.Node) -> tuple[int, ...]:

@@ -274,7 +274,7 @@ def read_in_place_results(gm: fx.GraphModule) -> None:
     changed = False
     for node in gm.graph.nodes:
         target = node.args[0] if node.args else None
-        if not (isinstance(target, fx.Node) and _is_tensor(target) and _changes_first_arg(node, modules)):
+        if not (isinstance(target, fx.Node) and holds_tensor(target) and _changes_first_arg(node, modules)):
             continue
         for user in list(target.users):
             if order[user] > order[node]:
@@ -294,6 +294,7 @@ def _changes_first_arg(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and getattr(modules.get(node.target), "inplace", False) is True
 
 
-def _is_tensor(node: fx.Node) -> bool:
+def holds_tensor(node: fx.Node) -> bool:
+    """Whether the node's recorded value is one tensor (its shape a tuple of sizes)."""
     shape = node.meta.get("gpdc.shape")
     return isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)
