@@ -322,3 +322,19 @@ def test_timm_scaled_std_conv_same_is_traced_through_and_exact():
         checks = check_expansion(exp, torch.randn(2, 3, 9, 9))
         assert all(c["ok"] for c in checks.values()), (ratio, checks)
         assert not exp.student_width and any(g.teacher_width > g.width for g in exp.groups)
+
+
+def test_a_batchnorm_act_with_a_parametrised_activation_runs_at_the_students_width():
+    """timm's BatchNormAct2d with a PReLU: the BatchNorm rule knows the normalisation's parameters, not the
+    activation's (an internal error over the unmapped slope before); it runs unwidened, exactly."""
+    from timm.layers import BatchNormAct2d
+
+    from gpdc.exactness import randomize
+
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.PReLU), nn.Conv2d(8, 8, 3),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 8, 8], "expand": {"ratio": 2.0}})
+    assert list(exp.student_width) == ["_1"]
+    checks = check_expansion(exp, torch.randn(2, 3, 8, 8))
+    assert all(c["ok"] for c in checks.values()), checks

@@ -36,6 +36,10 @@ class PerHeadNorm:
 class BatchNormRule(Rule):
     covers_own_forward = True  # timm's BatchNormAct2d: an activation (and dropout) after the normalisation
 
+    def covers(self, module) -> bool:
+        """Not a BatchNormAct2d whose activation has parameters (a PReLU): the rule widens the BatchNorm's own."""
+        return all("." not in name for name, _ in module.named_parameters())
+
     def analyze(self, node: fx.Node, an):
         L = an.layout_of(node.args[0])
         m = an.module(node)

@@ -42,6 +42,10 @@ class Rule:
     #: through (a conv subclass's forward often makes its kernel: standardised, masked, scaled)
     covers_own_forward = False
 
+    def covers(self, module) -> bool:
+        """As a module rule, whether it can widen this instance (one with parameters it does not know cannot)."""
+        return True
+
     def analyze(self, node: fx.Node, an):  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -91,7 +95,7 @@ def find_rule(node: fx.Node, an) -> Rule | None:
     if node.op == "call_module":
         m = an.module(node)
         rule = module_rule(type(m))
-        if rule is not None:
+        if rule is not None and rule.covers(m):
             return rule
         stateless = next(m.parameters(), None) is None and next(m.buffers(), None) is None
         if stateless:
