@@ -71,9 +71,10 @@ def _runs_by_mode(m: nn.Module) -> bool:
     """A BatchNorm or Dropout of a class of the user's (or a library's) that a rule covers: its forward reads
     ``self.training``, which tracing into it would fix at the traced (eval) mode for good — a BatchNorm subclass
     would then never use batch statistics in training — so it stays one node, run by its rule."""
-    return (isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
-            and find_module_rule(type(m)) is not None
-            and all("." not in name for name, _ in [*m.named_parameters(), *m.named_buffers()]))
+    if not isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+        return False
+    rule = find_module_rule(type(m))
+    return rule is not None and rule.covers(m)
 
 
 class GpdcTracer(ConcreteTracer):
