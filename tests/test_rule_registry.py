@@ -89,12 +89,6 @@ def _maxvit_attention():
     return Around(RelativePositionalMultiHeadAttention(8, 4, 4), 8, to=partitions), [2, 3, 2, 2], ()
 
 
-def _timm_linear():
-    from timm.layers import Linear
-
-    return Around(Linear(8, 4), 4), [2, 3, 4, 4], ()
-
-
 def _timm_std_conv():
     from timm.layers import StdConv2d
 
@@ -120,7 +114,6 @@ CASES = {
     "torchvision.ops.StochasticDepth": _stochastic_depth_leaf,
     "torchvision.models.swin_transformer.ShiftedWindowAttention": _shifted_window_attention,
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": _maxvit_attention,
-    "timm.layers.Linear": _timm_linear,
     "timm.layers.StdConv2d": _timm_std_conv,
     "timm.layers.attention.Attention": _timm_attention,
     "timm.models.swin_transformer.WindowAttention": _timm_swin_block,
@@ -337,4 +330,20 @@ def test_a_batchnorm_act_with_a_parametrised_activation_runs_at_the_students_wid
     exp = gpdc.expand(model, {"input_shape": [2, 3, 8, 8], "expand": {"ratio": 2.0}})
     assert list(exp.student_width) == ["_1"]
     checks = check_expansion(exp, torch.randn(2, 3, 8, 8))
+    assert all(c["ok"] for c in checks.values()), checks
+
+
+def test_timms_linear_is_traced_through_to_f_linear_and_widened():
+    """timm's Linear (a nn.Linear with a forward of its own) needs no entry of its own: F.linear inside it has a rule."""
+    from timm.layers import Linear
+
+    from gpdc.rules.functional import FunctionalDenseRule
+
+    model = Around(Linear(8, 6), 6)
+    an = ChannelAnalysis(gpdc.trace(model, [2, 3, 4, 4]))
+    assert [type(an.rules.get(n)) for n in an.gm.graph.nodes if n.target is torch.nn.functional.linear] == \
+        [FunctionalDenseRule]
+    exp = gpdc.expand(model, {"input_shape": [2, 3, 4, 4], "expand": {"ratio": 1.5}})
+    assert not exp.student_width and sum(g.teacher_width > g.width for g in exp.groups) == 2
+    checks = check_expansion(exp, torch.randn(2, 3, 4, 4))
     assert all(c["ok"] for c in checks.values()), checks

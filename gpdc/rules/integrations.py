@@ -20,7 +20,7 @@ from ..trace import register_leaf_function, register_leaf_module
 from .attention import TimmAttentionRule, WindowAttentionRule
 from .elementwise import ChannelwiseRule
 from .movement import MoveRule, SpaceToChannelsRule
-from .producers import DenseRule, StdConvRule
+from .producers import StdConvRule
 from .registry import _FUNCTION_RULES, _MODULE_RULES, Rule, register_function_rule, register_module_rule
 
 _TABLES = {"module rule": _MODULE_RULES, "function rule": _FUNCTION_RULES}
@@ -87,12 +87,6 @@ INTEGRATIONS: tuple[Integration, ...] = (
     Integration("torchvision", "torchvision.models.maxvit.RelativePositionalMultiHeadAttention", "module rule",
                 "widens by whole heads, like Swin's window attention under MaxViT's attribute names",
                 WindowAttentionRule("to_qkv", "merge", "n_heads")),
-    # tests/test_zoo.py::test_exact_fold_and_onnx[timm:ghostnet_100] (its classifier)
-    Integration("timm", "timm.layers.Linear", "leaf module",
-                "calls F.linear inside: kept one node, so the nn.Linear rule applies"),
-    Integration("timm", "timm.layers.Linear", "module rule",
-                "an nn.Linear with a forward of its own (a dtype cast under TorchScript): nn.Linear's rule",
-                DenseRule()),
     # tests/test_zoo.py::test_exact_fold_and_onnx[timm:resnetv2_50x1_bit]
     Integration("timm", "timm.layers.StdConv2d", "leaf module",
                 "standardises its weight inside forward: kept one node, so its rule sees the raw weight"),
